@@ -1,0 +1,316 @@
+"""Throughput benchmark: cvt_fast against transformers, with every speed printed beside its error.
+
+Each case (model, image size, batch, dtype) builds one random-weight model (BatchNorm statistics randomised too),
+gives the same weights to every contender, and times them on the same inputs:
+
+  transformers-eager          transformers' CvtForImageClassification (float32, or autocast float16/bfloat16)
+  transformers-compile        the same under torch.compile
+  cvt_fast-eager              cvt_fast with backend="eager"
+  cvt_fast-triton             cvt_fast with backend="triton" (CUDA only)
+  cvt_fast-triton-compile     the same under torch.compile(fullgraph=True)
+
+The reference is the float32 eager model (transformers' when installed, else cvt_fast's); max_err is the largest
+absolute logit difference from it, and ref64_err the reference's own distance from float64, for scale.
+On CUDA, times are medians of triton.testing.do_bench; on the CPU the contenders run interleaved, round after round,
+and the median is taken. Results: JSON records, a markdown table and (with matplotlib) a plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, CvtConfig
+from .modeling import CvtForImageClassification
+from .testing import randomize_
+
+IMPLEMENTATIONS = (
+    "transformers-eager",
+    "transformers-compile",
+    "cvt_fast-eager",
+    "cvt_fast-triton",
+    "cvt_fast-triton-compile",
+)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BenchmarkRefused(RuntimeError):
+    """The benchmark would measure nothing meaningful here."""
+
+
+@dataclass
+class Record:
+    device: str
+    torch_version: str
+    triton_version: str | None
+    transformers_version: str | None
+    model: str
+    image_size: int
+    batch: int
+    dtype: str
+    implementation: str
+    images_per_s: float | None
+    ms_per_batch: float | None
+    peak_mem_bytes: int | None
+    max_err: float | None
+    ref64_err: float | None
+    error: str | None = None
+
+
+def _versions() -> dict[str, str | None]:
+    def version(name: str) -> str | None:
+        try:
+            return __import__(name).__version__
+        except Exception:
+            return None
+
+    return {"torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers")}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _transformers_model(cvt_model: CvtForImageClassification):
+    import transformers
+
+    config = transformers.CvtConfig(**{k: v for k, v in cvt_model.config.to_dict().items() if k != "model_type"})
+    model = transformers.CvtForImageClassification(config)
+    model.load_state_dict(cvt_model.state_dict())
+    return model.eval()
+
+
+def _contender(name: str, base: CvtForImageClassification, dtype: torch.dtype, device: torch.device) -> Callable:
+    """A callable pixel_values -> logits for one implementation."""
+    autocast = dtype != torch.float32
+    if name.startswith("transformers"):
+        model = _transformers_model(base).to(device)  # float32 weights; lower precision through autocast
+
+        def run(x, model=model):
+            ctx = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
+            with ctx:
+                return model(x.float()).logits
+
+        if name.endswith("compile"):
+            return torch.compile(run)
+        return run
+    backend = "eager" if name == "cvt_fast-eager" else "triton"
+    model = copy.deepcopy(base).to(device=device, dtype=dtype)
+    model.set_backend(backend)
+
+    def run(x, model=model):
+        return model(x).logits
+
+    return torch.compile(run, fullgraph=True) if name.endswith("compile") else run
+
+
+def _time_cuda(fn: Callable, x: torch.Tensor) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(lambda: fn(x), warmup=50, rep=300, return_mode="median"))
+
+
+def bench_case(
+    model_name: str,
+    image_size: int,
+    batch: int,
+    dtype_name: str,
+    implementations: list[str],
+    device: torch.device,
+    rounds: int,
+    progress: Callable[[str], None],
+) -> list[Record]:
+    dtype = DTYPES[dtype_name]
+    versions = _versions()
+    generator = torch.Generator().manual_seed(0)
+    config = PRESETS[model_name].config() if model_name in PRESETS else CvtConfig.from_pretrained(model_name)
+    base = CvtForImageClassification(config, backend="eager").eval()
+    randomize_(base, generator)
+    pixel_values = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator)
+
+    with torch.inference_mode():
+        reference64 = base.double()(pixel_values.double()).logits
+        base.float()
+        try:
+            reference_model = _transformers_model(base).to(device)
+        except ImportError:
+            reference_model = copy.deepcopy(base).to(device)
+        reference = reference_model(pixel_values.to(device)).logits.double().cpu()
+        del reference_model
+    ref64_err = (reference - reference64).abs().max().item()
+
+    x = pixel_values.to(device=device, dtype=dtype)
+    contenders, records = {}, {}
+
+    def record(name, **fields):
+        records[name] = Record(
+            device=_device_name(device),
+            torch_version=versions["torch"],
+            triton_version=versions["triton"],
+            transformers_version=versions["transformers"],
+            model=model_name,
+            image_size=image_size,
+            batch=batch,
+            dtype=dtype_name,
+            implementation=name,
+            ref64_err=ref64_err,
+            **{"images_per_s": None, "ms_per_batch": None, "peak_mem_bytes": None, "max_err": None, **fields},
+        )
+
+    for name in implementations:
+        progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
+        try:
+            fn = _contender(name, base, dtype, device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.inference_mode():
+                logits = fn(x)
+            err = (logits.double().cpu() - reference).abs().max().item()
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            contenders[name] = fn
+            record(name, max_err=err, peak_mem_bytes=peak)
+        except Exception as error:  # one contender failing (out of memory, no transformers) must not stop the rest
+            record(name, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+        if device.type == "cuda" and name in contenders:
+            progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: timing {name}")
+            with torch.inference_mode():
+                ms = _time_cuda(contenders[name], x)
+            records[name].ms_per_batch, records[name].images_per_s = ms, batch / ms * 1e3
+
+    if device.type == "cpu" and contenders:
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        with torch.inference_mode():
+            for fn in contenders.values():  # one warm-up call each
+                fn(x)
+            for r in range(rounds):
+                progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
+                for name, fn in contenders.items():
+                    start = time.perf_counter()
+                    fn(x)
+                    times[name].append(time.perf_counter() - start)
+        for name, samples in times.items():
+            seconds = statistics.median(samples)
+            records[name].ms_per_batch, records[name].images_per_s = seconds * 1e3, batch / seconds
+    return [records[name] for name in implementations]
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------
+
+
+def markdown_table(records: list[Record], baseline: str = "transformers-eager") -> str:
+    lines = [
+        "| model | size | batch | dtype | implementation | images/s | vs " + baseline + " | peak MiB | max err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        by_case.setdefault((r.model, r.image_size, r.batch, r.dtype), {})[r.implementation] = r
+    for r in records:
+        base = by_case[(r.model, r.image_size, r.batch, r.dtype)].get(baseline)
+        speed = f"{r.images_per_s:.1f}" if r.images_per_s else (f"error: {r.error}" if r.error else "-")
+        ratio = f"{r.images_per_s / base.images_per_s:.2f}x" if r.images_per_s and base and base.images_per_s else "-"
+        mem = f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes else "-"
+        err = f"{r.max_err:.1e}" if r.max_err is not None else "-"
+        cells = (r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem, err)
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[Record], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = sorted({(r.model, r.image_size, r.dtype) for r in records})
+    fig, axes = plt.subplots(len(cases), 1, figsize=(10, 3.2 * len(cases)), squeeze=False)
+    for ax, (model, size, dtype) in zip(axes[:, 0], cases, strict=True):
+        subset = [r for r in records if (r.model, r.image_size, r.dtype) == (model, size, dtype) and r.images_per_s]
+        batches = sorted({r.batch for r in subset})
+        names = [n for n in IMPLEMENTATIONS if any(r.implementation == n for r in subset)]
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = [
+                next((r.images_per_s for r in subset if r.batch == b and r.implementation == name), 0) for b in batches
+            ]
+            ax.bar([j + i * width for j in range(len(batches))], values, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{model} {size}px {dtype}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _progress_printer(total: int) -> Callable[[str], None]:
+    """One self-overwriting status line on a terminal; nothing in a log file."""
+    state = {"case": 0}
+    live = sys.stderr.isatty()
+
+    def progress(message: str) -> None:
+        if live:
+            print(f"\r\033[K[{state['case']}/{total}] {message}", end="", file=sys.stderr, flush=True)
+
+    progress.state = state  # type: ignore[attr-defined]
+    progress.clear = lambda: live and print("\r\033[K", end="", file=sys.stderr)  # type: ignore[attr-defined]
+    return progress
+
+
+def run(
+    models: list[str],
+    sizes: list[int] | None,
+    batches: list[int],
+    dtypes: list[str],
+    implementations: list[str],
+    device: torch.device,
+    rounds: int = 5,
+    out_dir: Path | None = None,
+) -> list[Record]:
+    from .dispatch import TRITON_INTERPRET
+
+    if TRITON_INTERPRET and any("triton" in name for name in implementations):
+        raise BenchmarkRefused(
+            "TRITON_INTERPRET=1 is set: timings of kernels under the Triton interpreter mean nothing"
+        )
+    cases = [
+        (model, size, batch, dtype)
+        for model in models
+        for size in (sizes or [PRESETS[model].image_size if model in PRESETS else 224])
+        for batch in batches
+        for dtype in dtypes
+    ]
+    progress = _progress_printer(len(cases))
+    records: list[Record] = []
+    for index, (model, size, batch, dtype) in enumerate(cases, 1):
+        progress.state["case"] = index  # type: ignore[attr-defined]
+        case_records = bench_case(model, size, batch, dtype, implementations, device, rounds, progress)
+        records.extend(case_records)
+        progress.clear()  # type: ignore[attr-defined]
+        for r in case_records:
+            speed = f"{r.images_per_s:8.1f} images/s" if r.images_per_s else f"error: {r.error}"
+            err = f"max err {r.max_err:.1e}" if r.max_err is not None else ""
+            print(f"{model} {size}px batch {batch:>3} {dtype:>8}  {r.implementation:<24} {speed}  {err}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
+        (out_dir / "bench.md").write_text(markdown_table(records))
+        plot(records, out_dir / "bench.png")
+    return records

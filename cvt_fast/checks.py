@@ -1,0 +1,99 @@
+"""Input validation: bad inputs get an error that names what is wrong and what was expected.
+
+Shape and dtype checks only read metadata, so they cost nothing on the GPU and trace cleanly under torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CvtConfig
+
+
+def min_image_size(config: CvtConfig) -> int:
+    """The smallest height/width accepted: the model's total stride (one token per side in the last stage)."""
+    return config.total_stride
+
+
+def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -> None:
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor of shape (batch, {config.num_channels}, height, width), "
+            f"got {type(pixel_values).__name__}; CvtImageProcessor turns images into one"
+        )
+    if pixel_values.ndim != 4:
+        hint = (
+            " (a single image? add a batch dimension with pixel_values.unsqueeze(0))" if pixel_values.ndim == 3 else ""
+        )
+        raise ValueError(
+            f"pixel_values must have 4 dimensions (batch, channels, height, width), got shape "
+            f"{tuple(pixel_values.shape)}{hint}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; raw images need rescaling and "
+            "normalisation first (CvtImageProcessor does both)"
+        )
+    batch, channels, height, width = pixel_values.shape
+    if channels != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {channels} channels, but the model expects num_channels={config.num_channels} "
+            f"(shape {tuple(pixel_values.shape)}, expected (batch, {config.num_channels}, height, width))"
+        )
+    if batch == 0:
+        raise ValueError("pixel_values has batch size 0")
+    smallest = min_image_size(config)
+    if height < smallest or width < smallest:
+        raise ValueError(
+            f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
+            f"least {smallest} (the product of patch_stride {config.patch_stride[: config.num_stages]})"
+        )
+    weight = first_conv.weight
+    if pixel_values.device != weight.device and weight.device.type != "meta":
+        raise ValueError(
+            f"pixel_values is on {pixel_values.device} but the model is on {weight.device}; "
+            f"move one of them (pixel_values.to({str(weight.device)!r}) or model.to({str(pixel_values.device)!r}))"
+        )
+    if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        raise TypeError(
+            f"pixel_values is {pixel_values.dtype} but the model's weights are {weight.dtype}; cast the input "
+            f"(pixel_values.to({weight.dtype})) or the model, or run under torch.autocast"
+        )
+
+
+def check_labels(labels, logits: torch.Tensor, problem_type: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    batch, num_labels = logits.shape
+    shape = tuple(labels.shape)
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
+    if problem_type == "single_label_classification":
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"single-label classification needs integer class indices as labels, got {labels.dtype}")
+        if labels.numel() != batch or (labels.ndim > 1 and labels.shape[0] != batch):
+            raise ValueError(f"single-label classification needs labels of shape ({batch},), got {shape}")
+        # A value check needs the values on the host: done on the CPU, where it is free; on the GPU the loss
+        # kernel's own assertion catches it without a synchronisation here.
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            valid = (labels == -100) | ((labels >= 0) & (labels < num_labels))  # -100: CrossEntropyLoss's ignore_index
+            if not bool(valid.all()):
+                bad = labels[~valid].unique().tolist()
+                raise ValueError(f"labels must be class indices in [0, {num_labels}) (or -100 to ignore); got {bad}")
+    elif problem_type == "multi_label_classification":
+        if not labels.is_floating_point():
+            raise TypeError(
+                f"multi-label classification needs float targets of shape ({batch}, {num_labels}), got {labels.dtype}"
+                " (for single-label classification pass integer class indices)"
+            )
+        if shape != (batch, num_labels):
+            raise ValueError(f"multi-label classification needs labels of shape ({batch}, {num_labels}), got {shape}")
+    elif problem_type == "regression":
+        if not labels.is_floating_point():
+            raise TypeError(f"regression needs floating-point labels, got {labels.dtype}")
+        expected = [(batch, num_labels)] + ([(batch,)] if num_labels == 1 else [])
+        if shape not in expected:
+            raise ValueError(f"regression needs labels of shape {' or '.join(map(str, expected))}, got {shape}")

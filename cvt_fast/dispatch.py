@@ -1,0 +1,113 @@
+"""The single decision point: for each fused-op call, a Triton kernel or the eager reference.
+
+Backends:
+  "eager"   never run a kernel.
+  "auto"    run a kernel where one applies (CUDA tensors, eval mode, float32/float16/bfloat16, a covered shape);
+            otherwise the eager path, and log the reason once.
+  "triton"  run the kernels, also on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1). Where they
+            cannot run at all (no Triton, another device, float64, an uncovered shape) it raises instead of
+            falling back. Training and autograd still take the eager path: the kernels have no backward.
+
+The backend comes from the constructor / from_pretrained argument, else the CVT_FAST_BACKEND variable, else "auto".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("auto", "eager", "triton")
+ENV_VAR = "CVT_FAST_BACKEND"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Read once: Triton itself reads it once, when it is first imported.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+logger = logging.getLogger("cvt_fast")
+_logged_reasons: set[str] = set()
+_kernel_import_error: list[str | None] = []  # [] until checked, then [None] or [reason]
+
+
+class KernelUnavailableError(RuntimeError):
+    """backend="triton" was asked for, but the kernels cannot run on these inputs."""
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    chosen = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    chosen = chosen.strip().lower()
+    if chosen not in BACKENDS:
+        source = "backend argument" if backend is not None else f"environment variable {ENV_VAR}"
+        raise ValueError(f"{source} is {chosen!r}; expected one of {BACKENDS}")
+    return chosen
+
+
+def kernels_import_error() -> str | None:
+    """None when cvt_fast.kernels (and so Triton) imports, else why it does not."""
+    if not _kernel_import_error:
+        try:
+            from . import kernels  # noqa: F401
+
+            _kernel_import_error.append(None)
+        except ImportError as error:  # triton missing, or an install without the kernels package
+            _kernel_import_error.append(f"the Triton kernels are unavailable ({error})")
+    return _kernel_import_error[0]
+
+
+def _environment_reason(tensors: Sequence[torch.Tensor], backend: str) -> str | None:
+    """Why the kernels cannot run on these tensors at all, or None."""
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if device.type == "cpu":
+        if not TRITON_INTERPRET:
+            return "CPU tensors: the kernels run on CUDA (or on CPU under TRITON_INTERPRET=1 with backend='triton')"
+        if backend == "auto":
+            return "CPU tensors: 'auto' runs kernels on CUDA only; backend='triton' runs them in the Triton interpreter"
+    elif device.type != "cuda":
+        return f"{device.type} tensors: the kernels run on CUDA"
+    import_error = kernels_import_error()
+    if import_error:
+        return import_error
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype}: the kernels take float32, float16 and bfloat16"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return "bfloat16 on CPU: the Triton interpreter has no bfloat16 arithmetic"
+    return None
+
+
+def choose_kernel(
+    op: str,
+    backend: str,
+    tensors: Sequence[torch.Tensor],
+    *,
+    training: bool = False,
+    unsupported: str | None = None,
+) -> str | None:
+    """Return None to run the kernel for `op`, or the reason the eager path runs instead.
+
+    `unsupported` is the op's own reason for not covering this call (a shape or projection method), if any.
+    """
+    if backend == "eager":
+        return "backend='eager'"
+    if training:
+        return _fall_back(op, "training mode: the kernels have no backward and BatchNorm uses batch statistics")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _fall_back(
+            op, "autograd is recording (no backward in the kernels); run inference under torch.inference_mode()"
+        )
+    reason = _environment_reason(tensors, backend) or unsupported
+    if reason is None:
+        return None
+    if backend == "triton":
+        raise KernelUnavailableError(f"backend='triton' cannot run {op}: {reason}. Use backend='auto' to fall back.")
+    return _fall_back(op, reason, surprising=tensors[0].is_cuda)
+
+
+def _fall_back(op: str, reason: str, surprising: bool = False) -> str:
+    key = f"{op}: {reason}"
+    if key not in _logged_reasons and not torch.compiler.is_compiling():
+        _logged_reasons.add(key)
+        # On CUDA a fallback costs speed the user came for, so it is a warning; elsewhere it is expected.
+        logger.log(logging.WARNING if surprising else logging.INFO, "cvt_fast: %s runs eagerly: %s", op, reason)
+    return reason

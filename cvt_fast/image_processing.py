@@ -1,0 +1,171 @@
+"""CvtImageProcessor: the preprocessing CvT checkpoints ship with (transformers' ConvNextImageProcessor), in PIL and
+numpy only.
+
+Below 384: resize the shortest edge to size / crop_pct (bicubic), then center-crop size x size.
+From 384 up: resize straight to size x size (no crop). Then rescale to [0, 1] and normalise with the ImageNet
+mean and std. Every step is the same arithmetic, in the same dtypes, as transformers' PIL backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value preprocessor_config.json stores
+
+
+class BatchFeature(dict):
+    """{"pixel_values": tensor}, also readable as .pixel_values, so both `model(**inputs)` and
+    `model(inputs.pixel_values)` work."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+
+class CvtImageProcessor:
+    def __init__(
+        self,
+        size: int | dict = 224,
+        crop_pct: float = 224 / 256,
+        resample: int = BICUBIC,
+        do_resize: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+        **unused: Any,
+    ):
+        if isinstance(size, dict):
+            if "shortest_edge" not in size:
+                raise ValueError(f"size must be an int or {{'shortest_edge': int}}, got {size}")
+            size = size["shortest_edge"]
+        self.size = int(size)
+        self.crop_pct = crop_pct if crop_pct is not None else 224 / 256
+        self.resample = int(resample)
+        self.do_resize = do_resize
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtImageProcessor:
+        """Read preprocessor_config.json from a checkpoint directory (or hub id), or a preset name like "cvt-13"."""
+        from .config import PRESETS
+
+        if str(name_or_path) in PRESETS:
+            return cls(size=PRESETS[str(name_or_path)].image_size, **overrides)
+        from .loading import resolve_checkpoint_dir
+
+        directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME])
+        path = Path(directory) / PREPROCESSOR_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no {PREPROCESSOR_NAME}")
+        return cls(**{**json.loads(path.read_text(encoding="utf-8")), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_processor_type": "ConvNextImageProcessor",
+            "size": {"shortest_edge": self.size},
+            "crop_pct": self.crop_pct,
+            "resample": self.resample,
+            "do_resize": self.do_resize,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / PREPROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    # ---- the pipeline ---------------------------------------------------------------------------------------
+
+    def __call__(self, images, return_tensors: str | None = "pt") -> BatchFeature:
+        """One image or a list of them (PIL images, or uint8 numpy arrays of shape (H, W, 3) or (H, W)) ->
+        {"pixel_values": (N, 3, size, size) float32 tensor}; return_tensors="np" gives a numpy array."""
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given")
+        arrays = np.stack([self.preprocess_one(image) for image in batch])
+        if return_tensors in ("np", None):
+            return BatchFeature(pixel_values=arrays)
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        return BatchFeature(pixel_values=torch.from_numpy(arrays))
+
+    def preprocess_one(self, image) -> np.ndarray:
+        """One image -> (3, H, W) float32."""
+        image = _to_rgb_pil(image)
+        if self.do_resize:
+            image = self._resize(image)
+        array = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8
+        if self.do_resize and self.size < 384:
+            array = _center_crop(array, self.size)
+        if self.do_rescale:
+            array = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(array.dtype, np.floating):
+                array = array.astype(np.float32)
+            mean = np.asarray(self.image_mean, dtype=array.dtype)[:, None, None]
+            std = np.asarray(self.image_std, dtype=array.dtype)[:, None, None]
+            array = (array - mean) / std
+        return np.ascontiguousarray(array)
+
+    def _resize(self, image):
+        if self.size >= 384:  # warp to a square, no crop, as the 384 checkpoints were evaluated
+            height, width = self.size, self.size
+        else:
+            # Shortest edge to size / crop_pct, keeping the aspect ratio (the longer edge truncated, as torchvision).
+            short = int(self.size / self.crop_pct)
+            w, h = image.size
+            if w <= h:
+                height, width = int(short * h / w), short
+            else:
+                height, width = short, int(short * w / h)
+        return image.resize((width, height), resample=self.resample)
+
+
+def _to_rgb_pil(image):
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError("CvtImageProcessor needs Pillow: pip install pillow") from error
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (0..255), got {image.dtype}")
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
+            return Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image).convert(
+                "RGB"
+            )
+        raise ValueError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+
+
+def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size), zero-padding first where the image is smaller, as transformers does."""
+    channels, height, width = array.shape
+    if height < size or width < size:
+        padded = np.zeros((channels, max(height, size), max(width, size)), dtype=array.dtype)
+        top, left = (padded.shape[1] - height + 1) // 2, (padded.shape[2] - width + 1) // 2
+        padded[:, top : top + height, left : left + width] = array
+        array, height, width = padded, padded.shape[1], padded.shape[2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return array[:, top : top + size, left : left + size]

@@ -1,0 +1,28 @@
+"""Random weights for tests and benchmarks: never time or test on a default initialisation, whose BatchNorm is the
+identity and whose zero biases hide a wrong broadcast."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """Fill every floating-point parameter and buffer with random values of a sensible scale: weights ~ fan_in^-0.5
+    (activations stay O(1) through deep stacks), norm scales around 1, BatchNorm running variance in [0.5, 2]."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+        if name.endswith("running_var"):
+            value = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 1.5 + 0.5
+        elif name.endswith("running_mean"):
+            value = 0.2 * noise
+        elif name.endswith(".weight") and tensor.ndim == 1:  # LayerNorm / BatchNorm scale
+            value = 1 + 0.1 * noise
+        elif tensor.ndim == 1:  # biases
+            value = 0.05 * noise
+        else:  # conv / linear weights, cls tokens
+            value = noise * tensor[0].numel() ** -0.5
+        tensor.copy_(value)
+    return model

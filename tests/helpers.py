@@ -1,0 +1,91 @@
+"""Helpers for the tests: random configs transformers accepts, model pairs with shared random weights, and the
+error measure of DESIGN.md."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import cvt_fast
+from cvt_fast.testing import randomize_
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of the expected tensor (an elementwise
+    relative error is meaningless next to zero)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def random_config_kwargs(seed: int, stages: int | None = None, **overrides) -> dict:
+    """A random CvT that transformers can run: 1-3 stages, depth[s] > s, cls token only on the last stage, odd
+    channel counts, strides and kernel sizes that vary, head_dim from 4 up."""
+    rng = random.Random(seed)
+    stages = stages or rng.randint(1, 3)
+    heads = [rng.randint(1, 3) for _ in range(stages)]
+    head_dims = [rng.choice([4, 6, 8, 12]) for _ in range(stages)]
+    kernel = [rng.choice([1, 3, 5]) for _ in range(stages)]
+    kwargs = dict(
+        num_channels=rng.choice([1, 3, 4]),
+        patch_sizes=[rng.choice([3, 5, 7]) for _ in range(stages)],
+        patch_stride=[rng.choice([1, 2, 3, 4]) if s == 0 else rng.choice([1, 2]) for s in range(stages)],
+        patch_padding=[rng.choice([0, 1, 2]) for _ in range(stages)],
+        embed_dim=[h * d for h, d in zip(heads, head_dims, strict=True)],
+        num_heads=heads,
+        depth=[s + rng.randint(1, 2) for s in range(stages)],
+        mlp_ratio=[rng.choice([1.0, 2.0, 4.0]) for _ in range(stages)],
+        qkv_bias=[rng.random() < 0.7 for _ in range(stages)],
+        cls_token=[False] * (stages - 1) + [rng.random() < 0.6],
+        kernel_qkv=kernel,
+        padding_q=[k // 2 for k in kernel],
+        padding_kv=[rng.choice([0, k // 2]) for k in kernel],
+        stride_q=[1] * stages,  # anything else breaks the residual (transformers crashes; CvtConfig refuses it)
+        stride_kv=[rng.choice([1, 2, 2]) for _ in range(stages)],
+        drop_path_rate=[0.0] * stages,
+        num_labels=rng.choice([1, 2, 5]),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def model_pair(config_kwargs: dict, head: bool = True, seed: int = 0):
+    """(transformers model, cvt_fast model) with the same random weights and BatchNorm statistics, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_class = transformers.CvtForImageClassification if head else transformers.CvtModel
+    ours_class = cvt_fast.CvtForImageClassification if head else cvt_fast.CvtModel
+    hf = hf_class(transformers.CvtConfig(**config_kwargs))
+    randomize_(hf, torch.Generator().manual_seed(seed))
+    ours = ours_class(cvt_fast.CvtConfig(**config_kwargs))
+    ours.load_state_dict(hf.state_dict())
+    return hf.eval(), ours.eval()
+
+
+def min_side(config_kwargs: dict) -> int:
+    return cvt_fast.CvtConfig(**config_kwargs).total_stride
+
+
+def valid_image_side(config_kwargs: dict, side: int) -> bool:
+    """Whether every conv of the model (patch embeddings, q/k/v projections) has at least one output pixel."""
+    config = cvt_fast.CvtConfig(**config_kwargs)
+    if side < config.total_stride:
+        return False
+    for s in range(config.num_stages):
+        side = (side + 2 * config.patch_padding[s] - config.patch_sizes[s]) // config.patch_stride[s] + 1
+        k = config.kernel_qkv[s]
+        if side < 1 or side + 2 * config.padding_q[s] < k or side + 2 * config.padding_kv[s] < k:
+            return False
+    return True
+
+
+def random_image_size(config_kwargs: dict, seed: int) -> tuple[int, int]:
+    """An odd-ish, usually non-square (height, width) that the model accepts."""
+    rng = random.Random(seed)
+    base = max(cvt_fast.CvtConfig(**config_kwargs).total_stride, 8)
+    while True:
+        height, width = base * rng.randint(1, 3) + rng.randint(0, 5), base * rng.randint(1, 3) + rng.randint(0, 5)
+        if valid_image_side(config_kwargs, height) and valid_image_side(config_kwargs, width):
+            return height, width

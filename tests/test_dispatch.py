@@ -1,0 +1,65 @@
+"""The backend decision: one place, a reason for every fallback, a clear error where 'triton' cannot run."""
+
+import logging
+
+import pytest
+import torch
+
+from cvt_fast import CvtConfig, CvtForImageClassification, KernelUnavailableError, dispatch
+from cvt_fast.dispatch import ENV_VAR, resolve_backend
+
+CONFIG = dict(depth=[1, 1], embed_dim=[64, 64], num_heads=[1, 2], cls_token=[False, True], num_labels=3)
+
+
+def test_backend_from_argument_then_environment_then_auto(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend(None) == "auto"
+    monkeypatch.setenv(ENV_VAR, "Eager")
+    assert resolve_backend(None) == "eager"
+    assert resolve_backend("triton") == "triton"
+    assert CvtForImageClassification(CvtConfig(**CONFIG)).backend == "eager"
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=f"environment variable {ENV_VAR} is 'cuda'"):
+        resolve_backend(None)
+
+
+def test_set_backend_reaches_every_layer():
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="eager").eval()
+    model.set_backend("auto")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    paths = model.kernel_paths()
+    assert set(paths) == {"cvt.encoder.stages.0.layers.0", "cvt.encoder.stages.1.layers.0"}
+    assert all(p["attention"].startswith("eager: CPU tensors") for p in paths.values())
+
+
+def test_eager_backend_reports_itself():
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="eager").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert {p["qkv_projection"] for p in model.kernel_paths().values()} == {"eager: backend='eager'"}
+
+
+def test_auto_logs_each_reason_once(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged_reasons", set())  # forget what earlier tests logged
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="auto").train()
+    with caplog.at_level(logging.INFO, logger="cvt_fast"):
+        for _ in range(3):
+            model(torch.randn(2, 3, 32, 32))
+    training_lines = [r for r in caplog.records if "training mode" in r.getMessage()]
+    assert len(training_lines) == 2  # one per op (qkv_projection, attention), not one per call or per layer
+
+
+def test_triton_backend_refuses_float64_with_a_reason():
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="triton").double().eval()
+    with pytest.raises(
+        KernelUnavailableError, match="backend='triton' cannot run qkv_projection: .*float64|unavailable"
+    ):
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+
+
+def test_training_and_autograd_take_the_eager_path_even_under_triton():
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="triton").train()
+    model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.startswith("eager: training") for layer in model.kernel_paths().values() for p in layer.values())
