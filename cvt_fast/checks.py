@@ -51,6 +51,7 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
             f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
             f"least {smallest} (the product of patch_stride {config.patch_stride[: config.num_stages]})"
         )
+    _check_every_conv_has_output(config, height, width)
     weight = first_conv.weight
     if pixel_values.device != weight.device and weight.device.type != "meta":
         raise ValueError(
@@ -62,6 +63,25 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
             f"pixel_values is {pixel_values.dtype} but the model's weights are {weight.dtype}; cast the input "
             f"(pixel_values.to({weight.dtype})) or the model, or run under torch.autocast"
         )
+
+
+def _check_every_conv_has_output(config: CvtConfig, height: int, width: int) -> None:
+    """Walk the stages: every patch embedding and q/k/v projection must leave at least one pixel per side."""
+    for stage in range(config.num_stages):
+        kernel, stride, padding = config.patch_sizes[stage], config.patch_stride[stage], config.patch_padding[stage]
+        height, width = ((side + 2 * padding - kernel) // stride + 1 for side in (height, width))
+        if min(height, width) < 1:
+            raise ValueError(f"the image is too small for stage {stage}'s patch embedding (kernel {kernel})")
+        if config.qkv_projection_method[stage] == "linear":
+            continue
+        kernel = config.kernel_qkv[stage]
+        for name in ("padding_q", "padding_kv"):
+            padding = getattr(config, name)[stage]
+            if min(height, width) + 2 * padding < kernel:
+                raise ValueError(
+                    f"the image is too small for this model: stage {stage} has a {height}x{width} token grid, smaller "
+                    f"than its q/k/v kernel ({kernel}) with {name} {padding}"
+                )
 
 
 def check_labels(labels, logits: torch.Tensor, problem_type: str) -> None:

@@ -5,8 +5,9 @@ Backends:
   "auto"    run a kernel where one applies (CUDA tensors, eval mode, float32/float16/bfloat16, a covered shape);
             otherwise the eager path, and log the reason once.
   "triton"  run the kernels, also on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1). Where they
-            cannot run at all (no Triton, another device, float64, an uncovered shape) it raises instead of
-            falling back. Training and autograd still take the eager path: the kernels have no backward.
+            cannot run at all (no Triton, another device, float64) it raises instead of falling back. What an op
+            does not cover (a projection method, a head size) and training or autograd (the kernels have no
+            backward) still take the eager path, as under "auto".
 
 The backend comes from the constructor / from_pretrained argument, else the CVT_FAST_BACKEND variable, else "auto".
 """
@@ -96,11 +97,12 @@ def choose_kernel(
         return _fall_back(
             op, "autograd is recording (no backward in the kernels); run inference under torch.inference_mode()"
         )
-    reason = _environment_reason(tensors, backend) or unsupported
+    reason = _environment_reason(tensors, backend)
+    if reason is not None and backend == "triton":
+        raise KernelUnavailableError(f"backend='triton' cannot run {op}: {reason}. Use backend='auto' to fall back.")
+    reason = reason or unsupported  # what the op does not cover runs eagerly under either backend
     if reason is None:
         return None
-    if backend == "triton":
-        raise KernelUnavailableError(f"backend='triton' cannot run {op}: {reason}. Use backend='auto' to fall back.")
     return _fall_back(op, reason, surprising=tensors[0].is_cuda)
 
 

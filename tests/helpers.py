@@ -89,3 +89,19 @@ def random_image_size(config_kwargs: dict, seed: int) -> tuple[int, int]:
         height, width = base * rng.randint(1, 3) + rng.randint(0, 5), base * rng.randint(1, 3) + rng.randint(0, 5)
         if valid_image_side(config_kwargs, height) and valid_image_side(config_kwargs, width):
             return height, width
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu" runs the kernels in Triton's interpreter
+FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_rule(kernel_out, eager_out, reference, dtype, what=""):
+    """DESIGN.md: error(kernel vs float64 reference) <= 2 x error(eager PyTorch in the same dtype) + a floor."""
+    kernel_err, eager_err = rel_err(kernel_out, reference), rel_err(eager_out, reference)
+    bound = 2 * eager_err + FLOORS[dtype]
+    assert torch.isfinite(kernel_out).all(), f"{what}: non-finite values (an element left unwritten?)"
+    assert kernel_err <= bound, f"{what}: kernel error {kernel_err:.2e} > 2 x eager {eager_err:.2e} + floor"
+
+
+def nan_like(shape, dtype, device=DEVICE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -36,6 +36,14 @@ def test_bad_pixel_values(model, pixel_values, error, message):
         model(pixel_values)
 
 
+def test_image_too_small_for_a_qkv_kernel():
+    config = CvtConfig(**{**CONFIG, "kernel_qkv": [3, 5], "padding_q": [1, 2], "padding_kv": [1, 0]})
+    with pytest.raises(
+        ValueError, match="stage 1 has a 4x4 token grid, smaller than its q/k/v kernel \\(5\\) with padding_kv 0"
+    ):
+        CvtModel(config)(torch.randn(1, 3, 32, 32))
+
+
 def test_same_checks_on_the_backbone():
     with pytest.raises(ValueError, match="expects num_channels=3"):
         CvtModel(CvtConfig(**CONFIG))(torch.randn(2, 1, 32, 32))

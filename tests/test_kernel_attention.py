@@ -1,0 +1,117 @@
+"""The flash-attention kernel against a float64 reference: unequal lengths, masked tails, CvT's scale.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (small shapes; no bfloat16 there)."""
+
+import random
+
+import pytest
+import torch
+
+from cvt_fast import ops
+
+from helpers import DEVICE, assert_within_rule, nan_like, rel_err
+
+pytest.importorskip("triton")
+from cvt_fast.kernels import flash_attention  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def check_case(batch, n_q, n_k, heads, head_dim, dtype, seed, layout="contiguous", blocks=None):
+    generator = torch.Generator().manual_seed(seed)
+    channels = heads * head_dim
+    q64, k64, v64 = (torch.randn(batch, n, channels, generator=generator, dtype=torch.float64) for n in (n_q, n_k, n_k))
+    scale = channels**-0.5  # CvT's embed_dim ** -0.5
+    reference = ops.attention_reference(q64, k64, v64, heads, scale)
+    q, k, v = (t.to(device=DEVICE, dtype=dtype) for t in (q64, k64, v64))
+    if layout == "strided":  # heads read by stride from wider rows, as slices of a fused projection would be
+        q, k, v = (torch.cat((t, torch.zeros_like(t)), dim=2)[:, :, :channels] for t in (q, k, v))
+        assert q.stride(1) == 2 * channels
+    eager = ops.attention_reference(q, k, v, heads, scale)
+    out = nan_like((batch, n_q, channels), dtype)
+    actual = flash_attention(q, k, v, heads, scale, out=out, blocks=blocks)
+    assert actual is out and actual.dtype == dtype
+    assert_within_rule(actual.cpu(), eager.cpu(), reference, dtype, f"Nq={n_q} Nk={n_k} heads={heads} {dtype}")
+
+
+# Lengths: 1, primes, and just below / at / above block sizes: each case runs with the default blocks and with
+# 16 x 16 blocks, so that tails inside a block and across several blocks are both exercised.
+CASES = [
+    # batch, Nq, Nk, heads, head_dim
+    (1, 1, 1, 1, 64),
+    (2, 17, 5, 1, 64),
+    (1, 15, 16, 2, 32),
+    (2, 33, 31, 3, 64),
+    (1, 50, 13, 4, 48),  # head_dim not a power of two
+    (1, 7, 29, 2, 128),
+    (2, 65, 17, 1, 96),
+    (1, 129, 64, 2, 64),  # one past two 64-blocks of queries, exactly one of keys
+    (1, 3, 2, 16, 32),  # 16 heads
+]
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default-blocks", "16x16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_against_float64_reference(case, dtype, blocks):
+    check_case(*case, dtype=dtype, seed=sum(case), blocks=blocks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_lengths_and_heads(seed):
+    rng = random.Random(seed)
+    check_case(
+        batch=rng.randint(1, 2),
+        n_q=rng.choice([1, 2, 3, 5, 11, 16, 17, 31, 37, 63]),
+        n_k=rng.choice([1, 2, 7, 13, 15, 16, 19, 32, 41]),
+        heads=rng.randint(1, 6),
+        head_dim=rng.choice([32, 40, 64, 80, 128]),
+        dtype=torch.float32,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heads_read_by_stride(dtype):
+    check_case(2, 21, 9, 3, 32, dtype, seed=5, layout="strided")
+
+
+def test_reruns_are_bitwise_equal():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 128, generator=generator).to(DEVICE) for n in (37, 11, 11))
+    first = flash_attention(q, k, v, 2, 128**-0.5)
+    for _ in range(3):
+        assert torch.equal(first, flash_attention(q, k, v, 2, 128**-0.5))
+
+
+def test_scale_is_an_argument():
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, 64, generator=generator, dtype=torch.float64) for n in (9, 4, 4))
+    for scale in (64**-0.5, 8**-0.5, 1.0):
+        expected = ops.attention_reference(q, k, v, 1, scale)
+        actual = flash_attention(*(t.float().to(DEVICE) for t in (q, k, v)), 1, scale)
+        assert rel_err(actual.cpu(), expected) < 1e-5
+
+
+def test_bad_shapes_are_refused():
+    q = torch.randn(1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="disagree|divisible"):
+        flash_attention(q, torch.randn(1, 3, 32, device=DEVICE), torch.randn(1, 3, 32, device=DEVICE), 1, 0.1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        flash_attention(q, q.half(), q.half(), 1, 0.1)
+
+
+# Every CvT-13 / CvT-21 / CvT-W24 stage at 224 and 384 (Nq, Nk, heads, head_dim 64), batch 2.
+STAGES = [
+    (3136, 784, 1), (784, 196, 3), (197, 50, 6),  # CvT-13/21 at 224
+    (9216, 2304, 1), (2304, 576, 3), (577, 145, 6),  # at 384
+    (3136, 784, 3), (784, 196, 12), (197, 50, 16),  # CvT-W24 at 224
+    (9216, 2304, 3), (2304, 576, 12), (577, 145, 16),  # at 384
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_q, n_k, heads", STAGES)
+def test_cvt_stage_shapes_on_gpu(n_q, n_k, heads, dtype):
+    check_case(2, n_q, n_k, heads, 64, dtype, seed=n_q + heads)

@@ -1,0 +1,159 @@
+"""The fused depthwise conv + BatchNorm kernel (q/k/v projection) against a float64 reference.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (small shapes; no bfloat16 there)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvt_fast import ops
+
+from helpers import DEVICE, assert_within_rule, nan_like, rel_err
+
+pytest.importorskip("triton")
+from cvt_fast.kernels import qkv_conv_bn  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def random_params(channels, ksize, stride_q, padding_q, stride_kv, padding_kv, generator, device=DEVICE):
+    def one(stride, padding):
+        return ops.ConvBN(
+            torch.randn(channels, 1, ksize, ksize, generator=generator, dtype=torch.float64) / ksize,
+            1 + 0.2 * torch.randn(channels, generator=generator, dtype=torch.float64),
+            0.2 * torch.randn(channels, generator=generator, dtype=torch.float64),
+            0.3 * torch.randn(channels, generator=generator, dtype=torch.float64),
+            0.5 + torch.rand(channels, generator=generator, dtype=torch.float64) * 1.5,
+            1e-5,
+            stride,
+            padding,
+        )
+
+    params = [one(stride_q, padding_q), one(stride_kv, padding_kv), one(stride_kv, padding_kv)]
+    return [p._replace(**{f: getattr(p, f).to(device) for f in ops.ConvBN._fields[:5]}) for p in params]
+
+
+def cast(params, dtype):
+    return [p._replace(**{f: getattr(p, f).to(dtype) for f in ops.ConvBN._fields[:5]}) for p in params]
+
+
+def unfused_eager(x, height, width, with_cls, params):
+    """What transformers does, in the input's dtype: conv, then BatchNorm, then tokens, then cat."""
+    cls, tokens = ops.split_cls(x, with_cls)
+    grid = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+    outs = []
+    for p in params:
+        y = F.conv2d(grid, p.weight, None, p.stride, p.padding, groups=x.shape[2])
+        y = F.batch_norm(y, p.running_mean, p.running_var, p.bn_weight, p.bn_bias, False, 0.0, p.eps)
+        y = y.flatten(2).transpose(1, 2)
+        outs.append(torch.cat((cls, y), 1) if cls is not None else y)
+    return outs
+
+
+def run_kernel(x, height, width, with_cls, params, poison=True, blocks=None):
+    q_ref = ops.qkv_projection_reference(x, height, width, with_cls, *params)  # shapes only
+    out = tuple(nan_like(t.shape, x.dtype, x.device) for t in q_ref) if poison else None
+    return qkv_conv_bn(x, height, width, with_cls, *ops._flatten_conv_bn(*params), out=out, blocks=blocks)
+
+
+def check_case(batch, height, width, channels, ksize, stride_kv, padding_kv, with_cls, dtype, seed, blocks=None):
+    generator = torch.Generator().manual_seed(seed)
+    params64 = random_params(channels, ksize, 1, ksize // 2, stride_kv, padding_kv, generator)
+    x64 = torch.randn(batch, int(with_cls) + height * width, channels, generator=generator, dtype=torch.float64)
+    x64 = x64.to(DEVICE)
+    references = ops.qkv_projection_reference(x64.cpu(), height, width, with_cls, *cast(params64, torch.float64))
+    x, params = x64.to(dtype), cast(params64, dtype)
+    eager = unfused_eager(x, height, width, with_cls, params)
+    actual = run_kernel(x, height, width, with_cls, params, blocks=blocks)
+    for name, a, e, r in zip("qkv", actual, eager, references, strict=True):
+        assert a.shape == r.shape and a.dtype == dtype
+        assert_within_rule(a.cpu(), e.cpu(), r, dtype, f"{name} {dtype}")
+    if with_cls:  # the cls row is copied, bit for bit
+        for a in actual:
+            assert torch.equal(a[:, 0], x[:, 0])
+
+
+CASES = [
+    # batch, height, width, channels, kernel, stride_kv, padding_kv, cls
+    (1, 1, 1, 16, 3, 2, 1, False),  # a single pixel
+    (1, 2, 3, 24, 3, 2, 1, True),  # smaller than a block, cls
+    (2, 7, 5, 40, 3, 2, 1, False),  # odd, non-square, channels not a power of two
+    (3, 9, 4, 8, 3, 2, 0, True),  # no padding for k/v
+    (1, 6, 6, 20, 5, 2, 2, True),  # kernel 5
+    (2, 5, 7, 12, 1, 1, 0, False),  # kernel 1, stride 1
+    (1, 11, 3, 36, 3, 3, 1, False),  # stride 3
+    (1, 4, 9, 40, 7, 2, 3, True),  # kernel 7, channels over several 16-blocks
+]
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default-blocks", "16x16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_against_float64_reference(case, dtype, blocks):
+    """Each case with the default blocks and with 16 x 16 blocks (several blocks of positions and channels)."""
+    check_case(*case, dtype=dtype, seed=hash(case) % 1000, blocks=blocks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed):
+    rng = random.Random(seed)
+    ksize = rng.choice([1, 3, 3, 5])
+    padding_kv = rng.randint(0, ksize // 2)
+    smallest = max(1, ksize - 2 * padding_kv)  # every conv needs at least one output pixel
+    check_case(
+        batch=rng.randint(1, 3),
+        height=rng.randint(smallest, 10),
+        width=rng.randint(smallest, 10),
+        channels=rng.choice([4, 8, 12, 20, 33]),
+        ksize=ksize,
+        stride_kv=rng.choice([1, 2, 2, 3]),
+        padding_kv=padding_kv,
+        with_cls=rng.random() < 0.5,
+        dtype=torch.float32,
+        seed=seed,
+    )
+
+
+def test_reruns_are_bitwise_equal():
+    generator = torch.Generator().manual_seed(0)
+    params = cast(random_params(24, 3, 1, 1, 2, 1, generator), torch.float32)
+    x = torch.randn(2, 1 + 6 * 7, 24, generator=generator).to(DEVICE)
+    first = run_kernel(x, 6, 7, True, params)
+    for _ in range(3):
+        for a, b in zip(first, run_kernel(x, 6, 7, True, params), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_edited_batchnorm_statistics_are_honoured():
+    generator = torch.Generator().manual_seed(1)
+    params = cast(random_params(16, 3, 1, 1, 2, 1, generator), torch.float32)
+    x = torch.randn(1, 25, 16, generator=generator).to(DEVICE)
+    before = run_kernel(x, 5, 5, False, params)[1]
+    params[1].running_var.mul_(4.0)  # in place, as a user editing a loaded model would
+    after = run_kernel(x, 5, 5, False, params)[1]
+    expected = ops.qkv_projection_reference(x.cpu().double(), 5, 5, False, *cast(params, torch.float64))[1]
+    assert rel_err(after.cpu(), expected) < 1e-5 and rel_err(before.cpu(), expected) > 1e-2
+
+
+def test_inputs_with_a_row_stride_and_bad_shapes():
+    generator = torch.Generator().manual_seed(2)
+    params = cast(random_params(8, 3, 1, 1, 2, 1, generator), torch.float32)
+    wide = torch.randn(2, 1 + 16, 24, generator=generator).to(DEVICE)
+    x = wide[:, :, 8:16]  # channel stride 1, token stride 24: read in place
+    expected = ops.qkv_projection_reference(x.cpu().double(), 4, 4, True, *cast(params, torch.float64))
+    for a, e in zip(run_kernel(x, 4, 4, True, params), expected, strict=True):
+        assert rel_err(a.cpu(), e) < 1e-5
+    with pytest.raises(ValueError, match="x has 17 tokens; expected 1 \\+ 4x5"):
+        qkv_conv_bn(x, 4, 5, True, *ops._flatten_conv_bn(*params))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "height, channels, with_cls",
+    [(56, 64, False), (28, 192, False), (14, 384, True), (56, 192, False), (28, 768, False), (14, 1024, True)],
+)
+def test_cvt_stage_shapes_on_gpu(height, channels, with_cls, dtype):
+    check_case(2, height, height, channels, 3, 2, 1, with_cls, dtype, seed=height + channels)
