@@ -7,8 +7,9 @@ model = CvtForImageClassification.from_pretrained("path/to/checkpoint")   # or a
 from .config import PRESETS, CvtConfig, preset
 from .dispatch import KernelUnavailableError
 from .loading import CheckpointError
-from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel
+from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
+from .patching import from_transformers, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,9 @@ __all__ = [
     "CvtPreTrainedModel",
     "ImageClassifierOutputWithNoAttention",
     "KernelUnavailableError",
+    "from_transformers",
+    "kernel_paths",
+    "patch",
     "preset",
+    "unpatch",
 ]

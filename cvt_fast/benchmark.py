@@ -8,9 +8,11 @@ gives the same weights to every contender, and times them on the same inputs:
   cvt_fast-eager              cvt_fast with backend="eager"
   cvt_fast-triton             cvt_fast with backend="triton" (CUDA only)
   cvt_fast-triton-compile     the same under torch.compile(fullgraph=True)
+  cvt_fast-triton-cudagraph   cvt_fast-triton captured in a CUDA graph (one launch per forward)
 
 The reference is the float32 eager model (transformers' when installed, else cvt_fast's); max_err is the largest
-absolute logit difference from it, and ref64_err the reference's own distance from float64, for scale.
+absolute logit difference from it, and ref64_err the reference's own distance from float64 (on two images), for
+scale. peak_mem_bytes (CUDA) is what a forward allocates on top of what it found, plus the contender's weights.
 On CUDA, times are medians of triton.testing.do_bench; on the CPU the contenders run interleaved, round after round,
 and the median is taken. Results: JSON records, a markdown table and (with matplotlib) a plot.
 """
@@ -40,6 +42,7 @@ IMPLEMENTATIONS = (
     "cvt_fast-eager",
     "cvt_fast-triton",
     "cvt_fast-triton-compile",
+    "cvt_fast-triton-cudagraph",
 )
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,34 +95,67 @@ def _transformers_model(cvt_model: CvtForImageClassification):
     return model.eval()
 
 
-def _contender(name: str, base: CvtForImageClassification, dtype: torch.dtype, device: torch.device) -> Callable:
-    """A callable pixel_values -> logits for one implementation."""
-    autocast = dtype != torch.float32
+def _cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable:
+    """fn captured once in a CUDA graph for x's shape: one launch per forward instead of hundreds."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):  # compile the Triton kernels before capture
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        static_out = fn(static_x)
+
+    def replay(x):
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor) -> tuple[Callable, int]:
+    """(pixel_values -> logits, bytes of its weights) for one implementation."""
     if name.startswith("transformers"):
         model = _transformers_model(base).to(device)  # float32 weights; lower precision through autocast
+        autocast = dtype != torch.float32
 
         def run(x, model=model):
-            ctx = torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext()
-            with ctx:
+            with torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext():
                 return model(x.float()).logits
 
-        if name.endswith("compile"):
-            return torch.compile(run)
-        return run
-    backend = "eager" if name == "cvt_fast-eager" else "triton"
-    model = copy.deepcopy(base).to(device=device, dtype=dtype)
-    model.set_backend(backend)
+        fn = torch.compile(run) if name.endswith("compile") else run
+    else:
+        model = copy.deepcopy(base).to(device=device, dtype=dtype)
+        model.set_backend("eager" if name == "cvt_fast-eager" else "triton")
 
-    def run(x, model=model):
-        return model(x).logits
+        def run(x, model=model):
+            return model(x).logits
 
-    return torch.compile(run, fullgraph=True) if name.endswith("compile") else run
+        fn = torch.compile(run, fullgraph=True) if name.endswith("compile") else run
+        if name.endswith("cudagraph"):
+            fn = _cuda_graphed(run, x)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return fn, weight_bytes
 
 
 def _time_cuda(fn: Callable, x: torch.Tensor) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(lambda: fn(x), warmup=50, rep=300, return_mode="median"))
+
+
+def _reference_logits(base, pixel_values: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
+    """float32 eager logits (transformers' when installed), a few images at a time to bound memory."""
+    try:
+        model = _transformers_model(base).to(device)
+    except ImportError:
+        model = copy.deepcopy(base).to(device)
+    with torch.inference_mode():
+        chunks = [model(part.to(device)).logits.double().cpu() for part in pixel_values.split(chunk)]
+    return torch.cat(chunks)
 
 
 def bench_case(
@@ -136,20 +172,14 @@ def bench_case(
     versions = _versions()
     generator = torch.Generator().manual_seed(0)
     config = PRESETS[model_name].config() if model_name in PRESETS else CvtConfig.from_pretrained(model_name)
-    base = CvtForImageClassification(config, backend="eager").eval()
-    randomize_(base, generator)
+    base = randomize_(CvtForImageClassification(config, backend="eager").eval(), generator)
     pixel_values = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator)
 
-    with torch.inference_mode():
-        reference64 = base.double()(pixel_values.double()).logits
-        base.float()
-        try:
-            reference_model = _transformers_model(base).to(device)
-        except ImportError:
-            reference_model = copy.deepcopy(base).to(device)
-        reference = reference_model(pixel_values.to(device)).logits.double().cpu()
-        del reference_model
-    ref64_err = (reference - reference64).abs().max().item()
+    progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: references")
+    reference = _reference_logits(base, pixel_values, device)
+    with torch.inference_mode():  # how far float32 itself is from float64, on a couple of images
+        reference64 = copy.deepcopy(base).double()(pixel_values[:2].double()).logits
+    ref64_err = (reference[:2] - reference64).abs().max().item()
 
     x = pixel_values.to(device=device, dtype=dtype)
     contenders, records = {}, {}
@@ -172,24 +202,29 @@ def bench_case(
     for name in implementations:
         progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
         try:
-            fn = _contender(name, base, dtype, device)
+            fn, weight_bytes = _contender(name, base, dtype, device, x)
+            peak = None
             if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.inference_mode():
                 logits = fn(x)
-            err = (logits.double().cpu() - reference).abs().max().item()
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            if device.type == "cuda":  # what the forward needed on top of what it found, plus its own weights
+                peak = torch.cuda.max_memory_allocated(device) - before + weight_bytes
+            record(name, max_err=(logits.double().cpu() - reference).abs().max().item(), peak_mem_bytes=peak)
             contenders[name] = fn
-            record(name, max_err=err, peak_mem_bytes=peak)
-        except Exception as error:  # one contender failing (out of memory, no transformers) must not stop the rest
+        except Exception as error:  # one contender failing (out of memory, say) must not stop the rest
             record(name, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
-        if device.type == "cuda" and name in contenders:
+            continue
+        if device.type == "cuda":  # timed alone, then released: contenders need not fit in memory together
             progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: timing {name}")
             with torch.inference_mode():
-                ms = _time_cuda(contenders[name], x)
+                ms = _time_cuda(contenders.pop(name), x)
             records[name].ms_per_batch, records[name].images_per_s = ms, batch / ms * 1e3
+            torch.cuda.empty_cache()
 
-    if device.type == "cpu" and contenders:
+    if device.type == "cpu" and contenders:  # interleaved rounds: drift on a shared machine hits all alike
         times: dict[str, list[float]] = {name: [] for name in contenders}
         with torch.inference_mode():
             for fn in contenders.values():  # one warm-up call each

@@ -45,6 +45,12 @@ def resolve_backend(backend: str | None = None) -> str:
     return chosen
 
 
+def prepare_backend(backend: str) -> None:
+    """Import the kernels now, where they may run, rather than on a first forward inside a torch.compile trace."""
+    if backend != "eager" and (torch.cuda.is_available() or TRITON_INTERPRET):
+        kernels_import_error()
+
+
 def kernels_import_error() -> str | None:
     """None when cvt_fast.kernels (and so Triton) imports, else why it does not."""
     if not _kernel_import_error:

@@ -18,7 +18,7 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from . import ops
 from .checks import check_labels, check_pixel_values
 from .config import CvtConfig
-from .dispatch import resolve_backend
+from .dispatch import prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
@@ -334,6 +334,16 @@ class CvtEncoder(nn.Module):
 # ---- models -------------------------------------------------------------------------------------------------
 
 
+def kernel_paths(model: nn.Module) -> dict[str, dict[str, str]]:
+    """{layer: {op: path}} for every cvt_fast attention layer in `model` (a cvt_fast model or a patched
+    transformers one), from its last forward; a path is "triton" or "eager: <reason>"."""
+    return {
+        name.removesuffix(".attention.attention"): dict(module.paths)
+        for name, module in model.named_modules()
+        if isinstance(module, CvtSelfAttention) and module.paths
+    }
+
+
 class CvtPreTrainedModel(nn.Module):
     """Config, backend, weight init and checkpoint loading/saving shared by both models."""
 
@@ -346,6 +356,7 @@ class CvtPreTrainedModel(nn.Module):
             raise TypeError(f"config must be a cvt_fast.CvtConfig, got {type(config).__name__}")
         self.config = config
         self._backend = resolve_backend(backend)
+        prepare_backend(self._backend)
 
     @property
     def backend(self) -> str:
@@ -354,18 +365,14 @@ class CvtPreTrainedModel(nn.Module):
     def set_backend(self, backend: str | None) -> None:
         """Switch every attention layer to "auto", "eager" or "triton" (None: CVT_FAST_BACKEND, else "auto")."""
         self._backend = resolve_backend(backend)
+        prepare_backend(self._backend)
         for module in self.modules():
             if isinstance(module, CvtSelfAttention):
                 module.backend = self._backend
 
     def kernel_paths(self) -> dict[str, dict[str, str]]:
-        """Which path each attention layer's fused ops took in the last forward: {layer: {op: path}}, where a path
-        is "triton" or "eager: <reason>"."""
-        return {
-            name.removesuffix(".attention.attention"): dict(module.paths)
-            for name, module in self.named_modules()
-            if isinstance(module, CvtSelfAttention) and module.paths
-        }
+        """Which path each attention layer's fused ops took in the last forward (see kernel_paths)."""
+        return kernel_paths(self)
 
     @property
     def device(self) -> torch.device:

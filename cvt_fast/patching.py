@@ -1,0 +1,104 @@
+"""Drop-in for a transformers CvT the user already holds.
+
+patch(model)             in place: every transformers CvtSelfAttention inside `model` (a CvtModel, a
+                         CvtForImageClassification, or anything that contains one) is replaced by cvt_fast's, which
+                         holds the *same* parameter and buffer tensors. The rest of the model, its class, its hooks,
+                         its state-dict keys and save_pretrained stay transformers'. unpatch(model) puts the
+                         originals back (they share the tensors, so training done meanwhile is kept).
+from_transformers(model) a cvt_fast CvtModel / CvtForImageClassification with the model's config and the same
+                         parameter tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CvtConfig
+from .dispatch import prepare_backend, resolve_backend
+from .modeling import CvtForImageClassification, CvtModel, CvtSelfAttention
+
+_ORIGINALS = "_cvt_fast_originals"  # attribute of a patched model: {qualified name: original module}
+
+
+def _is_transformers_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "CvtSelfAttention" and cls.__module__.startswith("transformers.")
+
+
+def _fast_attention_like(original: nn.Module, backend: str) -> CvtSelfAttention:
+    """A cvt_fast attention layer with the original's hyperparameters, sharing its tensors."""
+    query, key = original.convolution_projection_query, original.convolution_projection_key
+    if not hasattr(key, "convolution_projection"):  # transformers builds "avg" layers but cannot run them
+        raise ValueError(
+            "this transformers CvT uses qkv_projection_method 'avg', which transformers cannot run; build it with "
+            "cvt_fast.from_transformers(model) or cvt_fast.CvtModel instead"
+        )
+    conv_q, conv_k = query.convolution_projection.convolution, key.convolution_projection.convolution
+    with torch.device("meta"):  # parameters come from the original below; nothing to initialise
+        fast = CvtSelfAttention(
+            num_heads=original.num_heads,
+            embed_dim=original.embed_dim,
+            kernel_size=conv_k.kernel_size[0],
+            padding_q=conv_q.padding[0],
+            padding_kv=conv_k.padding[0],
+            stride_q=conv_q.stride[0],
+            stride_kv=conv_k.stride[0],
+            qkv_projection_method="dw_bn",
+            qkv_bias=original.projection_query.bias is not None,
+            attention_drop_rate=original.dropout.p,
+            with_cls_token=original.with_cls_token,
+            backend=backend,
+        )
+    fast.load_state_dict(original.state_dict(keep_vars=True), strict=True, assign=True)
+    return fast.train(original.training)
+
+
+def patch(model: nn.Module, backend: str | None = None, inplace: bool = True) -> nn.Module:
+    """Make a transformers CvT fast. In place by default (returns the same object); inplace=False returns a new
+    cvt_fast model sharing the weights (see from_transformers) and leaves `model` untouched."""
+    if not inplace:
+        return from_transformers(model, backend)
+    backend = resolve_backend(backend)
+    prepare_backend(backend)
+    originals = getattr(model, _ORIGINALS, {})
+    targets = [(name, m) for name, m in model.named_modules() if _is_transformers_attention(m)]
+    if not targets and not originals:
+        raise TypeError(f"{type(model).__name__} contains no transformers CvtSelfAttention layer to patch")
+    for name, original in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, _fast_attention_like(original, backend))
+        originals[name] = original
+    for module in model.modules():  # a second patch() only changes the backend
+        if isinstance(module, CvtSelfAttention):
+            module.backend = backend
+    setattr(model, _ORIGINALS, originals)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo patch(model): the original transformers layers go back, with whatever the shared weights now hold."""
+    originals = getattr(model, _ORIGINALS, None)
+    if not originals:
+        raise ValueError(f"this {type(model).__name__} was not patched by cvt_fast.patch")
+    for name, original in originals.items():
+        parent_name, _, child = name.rpartition(".")
+        current = model.get_submodule(name)
+        setattr(model.get_submodule(parent_name), child, original.train(current.training))
+    delattr(model, _ORIGINALS)
+    return model
+
+
+def from_transformers(model: nn.Module, backend: str | None = None) -> CvtModel | CvtForImageClassification:
+    """A cvt_fast model equal to a transformers CvtModel or CvtForImageClassification: same config, same parameter
+    and buffer tensors (shared, not copied), same train/eval mode."""
+    kind = type(model).__name__
+    if kind not in ("CvtModel", "CvtForImageClassification") or not type(model).__module__.startswith("transformers."):
+        raise TypeError(f"expected a transformers CvtModel or CvtForImageClassification, got {kind}")
+    config = CvtConfig.from_dict(model.config.to_dict())
+    fast_class = CvtForImageClassification if kind == "CvtForImageClassification" else CvtModel
+    with torch.device("meta"):
+        fast = fast_class(config, backend=backend)
+    fast.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    return fast.train(model.training)

@@ -1,0 +1,99 @@
+"""patch / unpatch / from_transformers on transformers models a user already holds."""
+
+import pytest
+import torch
+
+import cvt_fast
+from cvt_fast.modeling import CvtSelfAttention
+from cvt_fast.testing import randomize_
+
+from helpers import DEVICE, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = dict(
+    patch_sizes=[7, 3], patch_stride=[4, 2], patch_padding=[2, 1], embed_dim=[32, 64], num_heads=[1, 2],
+    depth=[1, 2], cls_token=[False, True], num_labels=5,
+)  # fmt: skip
+
+
+@pytest.fixture
+def hf_model():
+    model = transformers.CvtForImageClassification(transformers.CvtConfig(**CONFIG))
+    return randomize_(model, torch.Generator().manual_seed(0)).eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_patch_in_place_and_undo(hf_model):
+    x = torch.randn(2, 3, 40, 36)
+    before = logits(hf_model, x)
+    keys = list(hf_model.state_dict())
+    same = cvt_fast.patch(hf_model, backend="eager")
+    assert same is hf_model and isinstance(hf_model, transformers.CvtForImageClassification)
+    layers = [m for m in hf_model.modules() if isinstance(m, CvtSelfAttention)]
+    assert len(layers) == 3
+    assert list(hf_model.state_dict()) == keys  # same keys: save_pretrained and checkpoints unaffected
+    assert rel_err(logits(hf_model, x), before) < 2e-5
+    assert set(cvt_fast.kernel_paths(hf_model)) == {
+        "cvt.encoder.stages.0.layers.0",
+        "cvt.encoder.stages.1.layers.0",
+        "cvt.encoder.stages.1.layers.1",
+    }
+    cvt_fast.unpatch(hf_model)
+    assert not any(isinstance(m, CvtSelfAttention) for m in hf_model.modules())
+    assert torch.equal(logits(hf_model, x), before)
+    with pytest.raises(ValueError, match="was not patched"):
+        cvt_fast.unpatch(hf_model)
+
+
+def test_patched_layers_share_the_weights(hf_model):
+    query = hf_model.cvt.encoder.stages[1].layers[0].attention.attention.projection_query.weight
+    cvt_fast.patch(hf_model)
+    fast_query = hf_model.cvt.encoder.stages[1].layers[0].attention.attention.projection_query.weight
+    assert fast_query is query
+    hf_model.train()
+    hf_model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 4])).loss.backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0  # training through the patch reaches the originals
+
+
+def test_patch_runs_the_kernels(hf_model):
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    hf_model.to(DEVICE)
+    before = logits(hf_model, x)
+    cvt_fast.patch(hf_model, backend="triton")
+    after = logits(hf_model, x)
+    assert rel_err(after, before) < 2e-5
+    assert all(
+        p == {"qkv_projection": "triton", "attention": "triton"} for p in cvt_fast.kernel_paths(hf_model).values()
+    )
+
+
+def test_patching_again_changes_the_backend(hf_model):
+    cvt_fast.patch(hf_model, backend="eager")
+    cvt_fast.patch(hf_model, backend="auto")
+    assert {m.backend for m in hf_model.modules() if isinstance(m, CvtSelfAttention)} == {"auto"}
+    cvt_fast.unpatch(hf_model)
+    assert not any(isinstance(m, CvtSelfAttention) for m in hf_model.modules())
+
+
+def test_from_transformers_returns_a_cvt_fast_model(hf_model):
+    fast = cvt_fast.patch(hf_model, inplace=False, backend="eager")
+    assert isinstance(fast, cvt_fast.CvtForImageClassification) and not fast.training
+    assert fast.config.embed_dim == [32, 64] and fast.config.num_labels == 5
+    x = torch.randn(2, 3, 37, 41)
+    assert rel_err(logits(fast, x), logits(hf_model, x)) < 2e-5
+    assert fast.classifier.weight is hf_model.classifier.weight
+    assert not any(isinstance(m, CvtSelfAttention) for m in hf_model.modules())  # the original is untouched
+    backbone = cvt_fast.from_transformers(hf_model.cvt)
+    assert isinstance(backbone, cvt_fast.CvtModel)
+
+
+def test_refusals():
+    with pytest.raises(TypeError, match="contains no transformers CvtSelfAttention"):
+        cvt_fast.patch(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="expected a transformers CvtModel or CvtForImageClassification"):
+        cvt_fast.from_transformers(torch.nn.Linear(3, 3))
