@@ -122,7 +122,7 @@ def bench_conv(batch, dtype, shape_key, bandwidth, records):
         with_cls,
         *[p._replace(**{f: getattr(p, f).double() for f in ops.ConvBN._fields[:5]}) for p in params],
     )
-    flat = ops._flatten_conv_bn(*params)
+    flat = ops.flatten_conv_bn(*params)
     contenders = {
         "eager sequence": lambda: eager_conv_sequence(x, grid, grid, with_cls, params),
         "torch.compile(eager sequence)": torch.compile(lambda: eager_conv_sequence(x, grid, grid, with_cls, params)),

@@ -150,7 +150,7 @@ def _qkv_projection_op(
     stride_kv: int,
     padding_kv: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = _unflatten_conv_bn(weights, bn_params, eps, stride_q, padding_q, stride_kv, padding_kv)
+    q, k, v = unflatten_conv_bn(weights, bn_params, eps, stride_q, padding_q, stride_kv, padding_kv)
     return tuple(t.contiguous() for t in qkv_projection_reference(x, height, width, with_cls, q, k, v))
 
 
@@ -181,13 +181,13 @@ def _qkv_projection_fake(
     )
 
 
-def _flatten_conv_bn(q: ConvBN, k: ConvBN, v: ConvBN):
+def flatten_conv_bn(q: ConvBN, k: ConvBN, v: ConvBN):
     weights = [q.weight, k.weight, v.weight]
     bn_params = [t for p in (q, k, v) for t in (p.bn_weight, p.bn_bias, p.running_mean, p.running_var)]
     return weights, bn_params, [q.eps, k.eps, v.eps], q.stride, q.padding, k.stride, k.padding
 
 
-def _unflatten_conv_bn(weights, bn_params, eps, stride_q, padding_q, stride_kv, padding_kv):
+def unflatten_conv_bn(weights, bn_params, eps, stride_q, padding_q, stride_kv, padding_kv):
     strides = ((stride_q, padding_q), (stride_kv, padding_kv), (stride_kv, padding_kv))
     return tuple(
         ConvBN(weights[i], *bn_params[4 * i : 4 * i + 4], eps[i], *strides[i])
@@ -245,7 +245,7 @@ def qkv_projection(
         if training or params is None:
             return module_path()
         return qkv_projection_reference(x, height, width, with_cls, *params)
-    flat = _flatten_conv_bn(*params)
+    flat = flatten_conv_bn(*params)
     if x.is_cuda:
         return torch.ops.cvt_fast.qkv_projection(x, height, width, with_cls, *flat)
     from .kernels.conv_projection import qkv_conv_bn  # CPU tensors under the Triton interpreter

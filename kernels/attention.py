@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreter_active
+from ..dispatch import TRITON_INTERPRET
 
 LOG2E = 1.4426950408889634
 
@@ -39,6 +39,7 @@ def _attention_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact, no TF32); the default "tf32" for half types
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -66,7 +67,7 @@ def _attention_kernel(
         k_t = tl.load(  # (BLOCK_D, BLOCK_N): k transposed by addressing
             k_base + n[None, :] * stride_kn + dims[:, None], mask=dim_mask[:, None] & n_mask[None, :], other=0.0
         )
-        scores = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every block has at least one valid key
         p = tl.exp2(scores - m_new[:, None])
@@ -75,7 +76,7 @@ def _attention_kernel(
         v = tl.load(
             v_base + n[:, None] * stride_vn + dims[None, :], mask=n_mask[:, None] & dim_mask[None, :], other=0.0
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     o_rows = b * Nq + rows
@@ -96,7 +97,7 @@ _autotuned = triton.autotune(
 
 def _table_config(n_q: int, n_k: int, head_dim: int, dtype: torch.dtype, programs: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning."""
-    if interpreter_active():  # it pays per operation, not per element: few, large tiles (tl.dot needs >= 16)
+    if TRITON_INTERPRET:  # it pays per operation, not per element: few, large tiles (tl.dot needs >= 16)
         return min(64, max(16, triton.next_power_of_2(n_q))), min(64, max(16, triton.next_power_of_2(n_k))), 1, 1
     if dtype == torch.float32:  # exact fp32 dots have no tensor cores: small tiles, fewer registers
         return 64, 32, 4, 2
@@ -145,15 +146,16 @@ def flash_attention(
         n_q, n_k, num_heads, scale * LOG2E, 1 << max(programs - 1, 0).bit_length(),
     )  # fmt: skip
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if os.environ.get("CVT_FAST_AUTOTUNE") == "1" and blocks is None and not interpreter_active():
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands read it
+    if os.environ.get("CVT_FAST_AUTOTUNE") == "1" and blocks is None and not TRITON_INTERPRET:
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), programs)  # noqa: E731
-        _autotuned[grid](*args, HEAD_DIM=head_dim, BLOCK_D=block_d)
+        _autotuned[grid](*args, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
     else:
         block_m, block_n, num_warps, num_stages = _table_config(n_q, n_k, head_dim, q.dtype, programs)
         if blocks is not None:
             block_m, block_n = blocks
         _attention_kernel[(triton.cdiv(n_q, block_m), programs)](
-            *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreter_active
+from ..dispatch import TRITON_INTERPRET
 
 
 @triton.jit
@@ -136,8 +136,8 @@ def _block_sizes(n_q: int, n_kv: int, channels: int, blocks: tuple[int, int] | N
     """(BLOCK_Q, BLOCK_KV, BLOCK_C, num_warps). BLOCK_KV covers about the same region of x as BLOCK_Q does."""
     if blocks is not None:
         block_q, block_c = blocks
-        num_warps = 1 if interpreter_active() else 4
-    elif interpreter_active():
+        num_warps = 1 if TRITON_INTERPRET else 4
+    elif TRITON_INTERPRET:
         # The interpreter pays per operation, not per element: few, large programs are what makes it fast.
         block_q, block_c, num_warps = (
             min(256, triton.next_power_of_2(n_q)),

@@ -40,7 +40,7 @@ def test_opcheck_attention_cpu():
 def test_cpu_custom_ops_are_the_reference():
     args = conv_bn_args("cpu")
     q, k, v = torch.ops.cvt_fast.qkv_projection(*args)
-    params = ops._unflatten_conv_bn(*args[4:])
+    params = ops.unflatten_conv_bn(*args[4:])
     for a, e in zip((q, k, v), ops.qkv_projection_reference(args[0], 5, 6, True, *params), strict=True):
         assert torch.equal(a, e)
     attn = attention_args("cpu")
@@ -68,7 +68,7 @@ def test_opcheck_on_cuda(dtype):
 @pytest.mark.gpu
 def test_cuda_custom_ops_run_the_kernels():
     args = conv_bn_args("cuda")
-    params = ops._unflatten_conv_bn(*args[4:])
+    params = ops.unflatten_conv_bn(*args[4:])
     for a, e in zip(
         torch.ops.cvt_fast.qkv_projection(*args),
         ops.qkv_projection_reference(args[0], 5, 6, True, *params),

@@ -55,7 +55,7 @@ def unfused_eager(x, height, width, with_cls, params):
 def run_kernel(x, height, width, with_cls, params, poison=True, blocks=None):
     q_ref = ops.qkv_projection_reference(x, height, width, with_cls, *params)  # shapes only
     out = tuple(nan_like(t.shape, x.dtype, x.device) for t in q_ref) if poison else None
-    return qkv_conv_bn(x, height, width, with_cls, *ops._flatten_conv_bn(*params), out=out, blocks=blocks)
+    return qkv_conv_bn(x, height, width, with_cls, *ops.flatten_conv_bn(*params), out=out, blocks=blocks)
 
 
 def check_case(batch, height, width, channels, ksize, stride_kv, padding_kv, with_cls, dtype, seed, blocks=None):
@@ -146,7 +146,7 @@ def test_inputs_with_a_row_stride_and_bad_shapes():
     for a, e in zip(run_kernel(x, 4, 4, True, params), expected, strict=True):
         assert rel_err(a.cpu(), e) < 1e-5
     with pytest.raises(ValueError, match="x has 17 tokens; expected 1 \\+ 4x5"):
-        qkv_conv_bn(x, 4, 5, True, *ops._flatten_conv_bn(*params))
+        qkv_conv_bn(x, 4, 5, True, *ops.flatten_conv_bn(*params))
 
 
 @pytest.mark.gpu
