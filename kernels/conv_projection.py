@@ -24,13 +24,31 @@ from ..dispatch import TRITON_INTERPRET
 
 
 @triton.jit
-def _bn_scale_shift(gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, channels, c_mask):
+def _load_tap(x_base, ih, iw, H, W, stride_xt, p_mask, channels, c_mask):
+    """x at pixel (ih, iw) of each position's window, as float32 (positions, BLOCK_C); zero outside the image,
+    which is the convolution's zero padding."""
+    inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    offsets = (ih * W + iw)[:, None] * stride_xt + channels[None, :]
+    return tl.load(x_base + offsets, mask=inside[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_weight(w_ptr, channels, c_mask, tap, TAPS: tl.constexpr):
+    """One tap of a (C, 1, K, K) depthwise weight, for a block of channels, as float32."""
+    return tl.load(w_ptr + channels * TAPS + tap, mask=c_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_batchnorm(out_ptr, acc, rows, channels, mask, C, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c_mask):
+    """BatchNorm from the running statistics (scale = gamma / sqrt(var + eps), shift = beta - mean * scale), applied
+    to the float32 conv sums and stored in the output's dtype."""
     gamma = tl.load(gamma_ptr + channels, mask=c_mask, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(tl.float32)
     scale = gamma / tl.sqrt(var + eps)
-    return scale, beta - mean * scale
+    out = acc * scale[None, :] + (beta - mean * scale)[None, :]
+    tl.store(out_ptr + rows[:, None] * C + channels[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,7 +80,7 @@ def _qkv_conv_bn_kernel(
     channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
     x_base = x_ptr + b * stride_xb + WITH_CLS * stride_xt  # first grid token of this image
-    taps = KSIZE * KSIZE
+    TAPS: tl.constexpr = KSIZE * KSIZE
 
     if WITH_CLS:  # the cls row is carried over unchanged, once per (image, channel block)
         if pid_p == 0:
@@ -78,25 +96,13 @@ def _qkv_conv_bn_kernel(
     ow = pos % Wq
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for di in tl.static_range(KSIZE):
-        ih = oh * STRIDE_Q - PAD_Q + di
         for dj in tl.static_range(KSIZE):
-            iw = ow * STRIDE_Q - PAD_Q + dj
-            inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            tap = tl.load(
-                x_base + (ih * W + iw)[:, None] * stride_xt + channels[None, :],
-                mask=inside[:, None] & c_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            w = tl.load(wq_ptr + channels * taps + di * KSIZE + dj, mask=c_mask, other=0.0).to(tl.float32)
-            acc += tap * w[None, :]
-    scale, shift = _bn_scale_shift(q_gamma, q_beta, q_mean, q_var, q_eps, channels, c_mask)
-    out = acc * scale[None, :] + shift[None, :]
-    q_rows = b * (WITH_CLS + Hq * Wq) + WITH_CLS + pos
-    tl.store(
-        q_ptr + q_rows[:, None] * C + channels[None, :],
-        out.to(q_ptr.dtype.element_ty),
-        mask=p_mask[:, None] & c_mask[None, :],
-    )
+            tap = _load_tap(x_base, oh * STRIDE_Q - PAD_Q + di, ow * STRIDE_Q - PAD_Q + dj, H, W, stride_xt,
+                            p_mask, channels, c_mask)  # fmt: skip
+            acc += tap * _load_weight(wq_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
+    rows = b * (WITH_CLS + Hq * Wq) + WITH_CLS + pos
+    mask = p_mask[:, None] & c_mask[None, :]
+    _store_batchnorm(q_ptr, acc, rows, channels, mask, C, q_gamma, q_beta, q_mean, q_var, q_eps, c_mask)
 
     # ---- k and v: stride_kv, sharing every tap they load ----
     pos = pid_p * BLOCK_KV + tl.arange(0, BLOCK_KV)
@@ -106,26 +112,15 @@ def _qkv_conv_bn_kernel(
     acc_k = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
     acc_v = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
     for di in tl.static_range(KSIZE):
-        ih = oh * STRIDE_KV - PAD_KV + di
         for dj in tl.static_range(KSIZE):
-            iw = ow * STRIDE_KV - PAD_KV + dj
-            inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            tap = tl.load(
-                x_base + (ih * W + iw)[:, None] * stride_xt + channels[None, :],
-                mask=inside[:, None] & c_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            w_k = tl.load(wk_ptr + channels * taps + di * KSIZE + dj, mask=c_mask, other=0.0).to(tl.float32)
-            w_v = tl.load(wv_ptr + channels * taps + di * KSIZE + dj, mask=c_mask, other=0.0).to(tl.float32)
-            acc_k += tap * w_k[None, :]
-            acc_v += tap * w_v[None, :]
-    kv_rows = b * (WITH_CLS + Hk * Wk) + WITH_CLS + pos
-    kv_offsets = kv_rows[:, None] * C + channels[None, :]
-    kv_mask = p_mask[:, None] & c_mask[None, :]
-    scale, shift = _bn_scale_shift(k_gamma, k_beta, k_mean, k_var, k_eps, channels, c_mask)
-    tl.store(k_ptr + kv_offsets, (acc_k * scale[None, :] + shift[None, :]).to(k_ptr.dtype.element_ty), mask=kv_mask)
-    scale, shift = _bn_scale_shift(v_gamma, v_beta, v_mean, v_var, v_eps, channels, c_mask)
-    tl.store(v_ptr + kv_offsets, (acc_v * scale[None, :] + shift[None, :]).to(v_ptr.dtype.element_ty), mask=kv_mask)
+            tap = _load_tap(x_base, oh * STRIDE_KV - PAD_KV + di, ow * STRIDE_KV - PAD_KV + dj, H, W, stride_xt,
+                            p_mask, channels, c_mask)  # fmt: skip
+            acc_k += tap * _load_weight(wk_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
+            acc_v += tap * _load_weight(wv_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
+    rows = b * (WITH_CLS + Hk * Wk) + WITH_CLS + pos
+    mask = p_mask[:, None] & c_mask[None, :]
+    _store_batchnorm(k_ptr, acc_k, rows, channels, mask, C, k_gamma, k_beta, k_mean, k_var, k_eps, c_mask)
+    _store_batchnorm(v_ptr, acc_v, rows, channels, mask, C, v_gamma, v_beta, v_mean, v_var, v_eps, c_mask)
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
