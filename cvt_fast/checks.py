@@ -9,11 +9,7 @@ import torch
 from torch import nn
 
 from .config import CvtConfig
-
-
-def min_image_size(config: CvtConfig) -> int:
-    """The smallest height/width accepted: the model's total stride (one token per side in the last stage)."""
-    return config.total_stride
+from .ops import conv_output_size
 
 
 def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -> None:
@@ -45,7 +41,9 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
         )
     if batch == 0:
         raise ValueError("pixel_values has batch size 0")
-    smallest = min_image_size(config)
+    # Deliberately stricter than transformers (which runs e.g. 15x15 on CvT-13): below one last-stage token's worth
+    # of pixels per side, every last-stage token is mostly padding.
+    smallest = config.total_stride
     if height < smallest or width < smallest:
         raise ValueError(
             f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
@@ -69,7 +67,7 @@ def _check_every_conv_has_output(config: CvtConfig, height: int, width: int) -> 
     """Walk the stages: every patch embedding and q/k/v projection must leave at least one pixel per side."""
     for stage in range(config.num_stages):
         kernel, stride, padding = config.patch_sizes[stage], config.patch_stride[stage], config.patch_padding[stage]
-        height, width = ((side + 2 * padding - kernel) // stride + 1 for side in (height, width))
+        height, width = (conv_output_size(side, kernel, stride, padding) for side in (height, width))
         if min(height, width) < 1:
             raise ValueError(f"the image is too small for stage {stage}'s patch embedding (kernel {kernel})")
         if config.qkv_projection_method[stage] == "linear":

@@ -21,13 +21,16 @@ def _classify(args: argparse.Namespace) -> int:
     except ImportError:
         print("cvt-fast classify needs Pillow: pip install pillow", file=sys.stderr)
         return 2
-    checkpoint = Path(args.model)
-    model = CvtForImageClassification.from_pretrained(args.model, backend=args.backend, device=args.device)
+    from .loading import resolve_checkpoint_dir
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = resolve_checkpoint_dir(args.model)  # a local folder, or the hub snapshot of an id
+    model = CvtForImageClassification.from_pretrained(checkpoint, backend=args.backend, device=device)
     if (checkpoint / PREPROCESSOR_NAME).is_file():
         processor = CvtImageProcessor.from_pretrained(checkpoint)
     else:
         processor = CvtImageProcessor()
-        print(f"note: {checkpoint} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)")
+        print(f"note: {args.model} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)")
     for path in args.images:
         try:
             image = Image.open(path)
@@ -51,6 +54,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        print("cvt-fast bench: --device cuda, but this machine has no CUDA device", file=sys.stderr)
+        return 2
     try:
         import transformers  # noqa: F401
 
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("images", nargs="+", help="image files")
     classify.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
     classify.add_argument("--top-k", type=int, default=5)
-    classify.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    classify.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     classify.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
     classify.set_defaults(func=_classify)
 

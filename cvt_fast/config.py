@@ -207,11 +207,23 @@ class CvtConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> CvtConfig:
-        data = {**data, **overrides}
+        """Build from a config.json dict, then apply `overrides` as attribute assignments, as transformers does (so
+        num_labels=10 replaces a checkpoint's 1000 labels instead of contradicting them)."""
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"this is a config for model_type {model_type!r}, not a CvT ('cvt') config")
-        return cls(**data)
+        config = cls(**data)
+        config.update(**overrides)
+        return config
+
+    def update(self, **values: Any) -> None:
+        """Set attributes (keys this class does not know are kept with the rest of config.json), then validate."""
+        for key, value in values.items():
+            if key in self.__dict__ or key == "num_labels":
+                setattr(self, key, list(value) if key in STAGE_PARAMETERS else value)
+            else:
+                self.extra[key] = value
+        self.validate()
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CvtConfig:

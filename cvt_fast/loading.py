@@ -23,7 +23,6 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-HEAD_PREFIXES = ("classifier.", "layernorm.")  # CvtForImageClassification's own parameters
 # BatchNorm's step counter: not a weight, absent from some checkpoints, and unused in eval.
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
@@ -79,11 +78,8 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state_dict.update(load_file(str(file), device="cpu"))
-        else:
-            try:
-                state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-            except RuntimeError:  # pickles from before torch 1.6's zip format cannot be memory-mapped
-                state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+        else:  # read into memory, not mmap: the model must not depend on a file save_pretrained may overwrite
+            state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
     return state_dict
 
 
@@ -157,11 +153,10 @@ def from_pretrained(
         config = CvtConfig.from_json_file(directory / CONFIG_NAME)
     else:
         config = config.copy()
-    for key, value in config_overrides.items():
-        if not hasattr(config, key):
-            raise TypeError(f"from_pretrained got an unexpected argument {key!r} (not a CvtConfig attribute either)")
-        setattr(config, key, value)
-    config.validate()
+    unknown = [key for key in config_overrides if not hasattr(config, key)]
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments {unknown} (not CvtConfig attributes either)")
+    config.update(**config_overrides)
 
     state_dict = read_state_dict(weight_files(directory))
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
@@ -196,14 +191,23 @@ def from_pretrained(
 
 
 def _materialise_leftovers(model) -> None:
-    """Give real storage, and transformers' initialisation, to whatever the checkpoint did not provide."""
+    """Give real storage, and transformers' initialisation, to the tensors the checkpoint did not provide, and to
+    those only: a module's loaded tensors are put back after its initialisation."""
     for module in model.modules():
-        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        if any(t.is_meta for _, t in own):
-            module.to_empty(device="cpu", recurse=False)
-            model._init_module(module)
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.reset_running_stats()
+        slots = [module._parameters, module._buffers]
+        if not any(t is not None and t.is_meta for slot in slots for t in slot.values()):
+            continue
+        # detach(): an alias of the loaded storage that to_empty (which swaps a parameter's .data) leaves alone
+        loaded = [
+            (slot, name, t.detach()) for slot in slots for name, t in slot.items() if t is not None and not t.is_meta
+        ]
+        module.to_empty(device="cpu", recurse=False)
+        model._init_module(module)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+        with torch.no_grad():
+            for slot, name, data in loaded:
+                slot[name].data = data
 
 
 def _resolve_dtype(dtype, config: CvtConfig) -> torch.dtype:

@@ -454,7 +454,8 @@ class CvtForImageClassification(CvtPreTrainedModel):
         super().__init__(config, backend)
         self.num_labels = config.num_labels
         self.cvt = CvtModel(config, add_pooling_layer=False, backend=self.backend, _init=False)
-        # The last *stage* (per-stage lists may be longer than depth, as in transformers).
+        # The last *stage*: per-stage lists may be longer than depth (transformers accepts that, but then sizes this
+        # by embed_dim[-1] and tests cls_token[-1], which belong to no stage).
         width = config.embed_dim[config.num_stages - 1]
         self.layernorm = nn.LayerNorm(width)
         self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()

@@ -2,9 +2,10 @@
 
 patch(model)             in place: every transformers CvtSelfAttention inside `model` (a CvtModel, a
                          CvtForImageClassification, or anything that contains one) is replaced by cvt_fast's, which
-                         holds the *same* parameter and buffer tensors. The rest of the model, its class, its hooks,
-                         its state-dict keys and save_pretrained stay transformers'. unpatch(model) puts the
-                         originals back (they share the tensors, so training done meanwhile is kept).
+                         holds the *same* parameter and buffer tensors and the same hooks. The rest of the model,
+                         its class, its state-dict keys and save_pretrained stay transformers'. unpatch(model) puts
+                         the originals back with the fast layers' current tensors, so training, .to() and dtype
+                         changes made meanwhile are kept.
 from_transformers(model) a cvt_fast CvtModel / CvtForImageClassification with the model's config and the same
                          parameter tensors.
 """
@@ -29,10 +30,10 @@ def _is_transformers_attention(module: nn.Module) -> bool:
 def _fast_attention_like(original: nn.Module, backend: str) -> CvtSelfAttention:
     """A cvt_fast attention layer with the original's hyperparameters, sharing its tensors."""
     query, key = original.convolution_projection_query, original.convolution_projection_key
-    if not hasattr(key, "convolution_projection"):  # transformers builds "avg" layers but cannot run them
+    if not hasattr(key, "convolution_projection"):  # transformers builds "avg"/"linear" layers but cannot run them
         raise ValueError(
-            "this transformers CvT uses qkv_projection_method 'avg', which transformers cannot run; build it with "
-            "cvt_fast.from_transformers(model) or cvt_fast.CvtModel instead"
+            "this transformers CvT has a qkv_projection_method other than 'dw_bn', which transformers cannot run; "
+            "build it with cvt_fast.from_transformers(model) or cvt_fast.CvtModel instead"
         )
     conv_q, conv_k = query.convolution_projection.convolution, key.convolution_projection.convolution
     with torch.device("meta"):  # parameters come from the original below; nothing to initialise
@@ -51,7 +52,27 @@ def _fast_attention_like(original: nn.Module, backend: str) -> CvtSelfAttention:
             backend=backend,
         )
     fast.load_state_dict(original.state_dict(keep_vars=True), strict=True, assign=True)
+    _share_hooks(original, fast)
     return fast.train(original.training)
+
+
+# The per-module hook registries of torch.nn.Module: shared (the same dicts), so a hook registered on either layer,
+# before or after the swap, runs on whichever is in the model.
+_HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _share_hooks(source: nn.Module, target: nn.Module) -> None:
+    for registry in _HOOK_REGISTRIES:
+        if hasattr(source, registry):
+            setattr(target, registry, getattr(source, registry))
 
 
 def patch(model: nn.Module, backend: str | None = None, inplace: bool = True) -> nn.Module:
@@ -84,8 +105,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} was not patched by cvt_fast.patch")
     for name, original in originals.items():
         parent_name, _, child = name.rpartition(".")
-        current = model.get_submodule(name)
-        setattr(model.get_submodule(parent_name), child, original.train(current.training))
+        fast = model.get_submodule(name)
+        # .to(), .half() and training may have replaced tensors (buffers are never converted in place): the
+        # original takes the fast layer's current ones.
+        original.load_state_dict(fast.state_dict(keep_vars=True), strict=True, assign=True)
+        setattr(model.get_submodule(parent_name), child, original.train(fast.training))
     delattr(model, _ORIGINALS)
     return model
 

@@ -41,8 +41,11 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact, no TF32); the default "tf32" for half types
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One flat grid (CUDA's y axis stops at 65535, and batch * heads can pass that); consecutive programs take
+    # consecutive query blocks of one head, which read the same keys and values while they are in L2.
+    blocks_m = tl.cdiv(Nq, BLOCK_M)
+    pid_m = tl.program_id(0) % blocks_m
+    pid_bh = tl.program_id(0) // blocks_m
     b = (pid_bh // num_heads).to(tl.int64)
     head_offset = (pid_bh % num_heads) * HEAD_DIM
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,13 +156,13 @@ def flash_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # only float32 operands read it
     if os.environ.get("CVT_FAST_AUTOTUNE") == "1" and blocks is None and not TRITON_INTERPRET:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), programs)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * programs,)  # noqa: E731
         _autotuned[grid](*args, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
     else:
         block_m, block_n, num_warps, num_stages = table_config(n_q, n_k, head_dim, q.dtype, programs)
         if blocks is not None:
             block_m, block_n = blocks
-        _attention_kernel[(triton.cdiv(n_q, block_m), programs)](
+        _attention_kernel[(triton.cdiv(n_q, block_m) * programs,)](
             *args, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_INTERPRET
+from ..ops import conv_output_size
 
 
 @triton.jit
@@ -123,16 +124,18 @@ def _qkv_conv_bn_kernel(
     _store_batchnorm(v_ptr, acc_v, rows, channels, mask, C, v_gamma, v_beta, v_mean, v_var, v_eps, c_mask)
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def block_sizes(
-    n_q: int, n_kv: int, channels: int, blocks: tuple[int, int] | None = None, interpreter: bool = TRITON_INTERPRET
+    n_q: int,
+    n_kv: int,
+    channels: int,
+    ksize: int,
+    blocks: tuple[int, int] | None = None,
+    interpreter: bool = TRITON_INTERPRET,
 ) -> tuple[int, int, int, int]:
     """(BLOCK_Q, BLOCK_KV, BLOCK_C, num_warps). BLOCK_KV covers about the same region of x as BLOCK_Q does.
-    On the GPU: 64 channels (a 128-byte line in half precision) by 32 positions, 4 warps, which needs no register
-    spill on sm_90 (ptxas resource usage); its speed is not yet measured on Hopper."""
+    On the GPU: 64 channels (a 128-byte line in half precision) by 32 positions (16 from 5x5 kernels up, whose
+    taps take more registers), 4 warps: no register spill on sm_90 (ptxas resource usage, checked by
+    tests/test_kernels_compile.py). Their speed is not yet measured on Hopper."""
     if blocks is not None:
         (block_q, block_c), num_warps = blocks, 1 if interpreter else 4
     elif interpreter:
@@ -143,7 +146,7 @@ def block_sizes(
             1,
         )
     else:
-        block_q, block_c, num_warps = 32, min(64, triton.next_power_of_2(channels)), 4
+        block_q, block_c, num_warps = 32 if ksize <= 3 else 16, min(64, triton.next_power_of_2(channels)), 4
     block_kv = triton.next_power_of_2(max(1, -(-block_q * n_kv // max(n_q, 1))))
     return block_q, block_kv, block_c, num_warps
 
@@ -181,13 +184,18 @@ def qkv_conv_bn(
             raise ValueError(f"depthwise weights must be ({channels}, 1, {ksize}, {ksize}), got {tuple(w.shape)}")
     if len(bn_params) != 12 or any(p.shape != (channels,) for p in bn_params):
         raise ValueError(f"bn_params must be 12 tensors of shape ({channels},)")
+    if batch > 65535:  # the batch is the grid's z axis
+        raise ValueError(f"batches of at most 65535 images, got {batch}; split the batch")
     if x.stride(2) != 1:
         x = x.contiguous()
     weights = [w.contiguous() for w in weights]
     bn_params = [p.contiguous() for p in bn_params]
 
-    hq, wq = _conv_out(height, ksize, stride_q, padding_q), _conv_out(width, ksize, stride_q, padding_q)
-    hk, wk = _conv_out(height, ksize, stride_kv, padding_kv), _conv_out(width, ksize, stride_kv, padding_kv)
+    hq, wq = conv_output_size(height, ksize, stride_q, padding_q), conv_output_size(width, ksize, stride_q, padding_q)
+    hk, wk = (
+        conv_output_size(height, ksize, stride_kv, padding_kv),
+        conv_output_size(width, ksize, stride_kv, padding_kv),
+    )
     if min(hq, wq, hk, wk) < 1:
         raise ValueError(f"a {height}x{width} grid is too small for kernel {ksize} with these strides and paddings")
     shapes = (
@@ -203,7 +211,7 @@ def qkv_conv_bn(
                 raise ValueError(f"out tensors must be contiguous {x.dtype} of shapes {shapes}")
         q, k, v = out
 
-    block_q, block_kv, block_c, num_warps = block_sizes(hq * wq, hk * wk, channels, blocks)
+    block_q, block_kv, block_c, num_warps = block_sizes(hq * wq, hk * wk, channels, ksize, blocks)
     grid = (max(triton.cdiv(hq * wq, block_q), triton.cdiv(hk * wk, block_kv)), triton.cdiv(channels, block_c), batch)
     _qkv_conv_bn_kernel[grid](
         x, q, k, v, *weights, *bn_params, *(float(e) for e in eps),

@@ -8,6 +8,7 @@ import random
 import torch
 
 import cvt_fast
+from cvt_fast.ops import conv_output_size
 from cvt_fast.testing import randomize_
 
 
@@ -74,7 +75,7 @@ def valid_image_side(config_kwargs: dict, side: int) -> bool:
     if side < config.total_stride:
         return False
     for s in range(config.num_stages):
-        side = (side + 2 * config.patch_padding[s] - config.patch_sizes[s]) // config.patch_stride[s] + 1
+        side = conv_output_size(side, config.patch_sizes[s], config.patch_stride[s], config.patch_padding[s])
         k = config.kernel_qkv[s]
         if side < 1 or side + 2 * config.padding_q[s] < k or side + 2 * config.padding_kv[s] < k:
             return False

@@ -3,12 +3,14 @@
 On the CPU the graph is captured with the aot_eager backend (the whole model, no graph break, without paying for
 C++ code generation); on a GPU, inductor compiles the model around the Triton custom ops."""
 
+import copy
+
 import pytest
 import torch
 
 import cvt_fast
 
-from helpers import rel_err
+from helpers import FLOORS, rel_err
 
 CONFIG = dict(
     patch_sizes=[7, 3], patch_stride=[4, 2], patch_padding=[2, 1], embed_dim=[32, 64], num_heads=[1, 2],
@@ -46,19 +48,28 @@ def test_fullgraph_training_step():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inductor_fullgraph_on_the_kernels(dtype):
-    m = model("triton").to("cuda", dtype)
-    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=dtype)
-    compiled = torch.compile(m, fullgraph=True)
+    """DESIGN.md's rule at model level: compiled, the model is as close to float64 as eager PyTorch in the same
+    dtype is (2x, plus the dtype's floor)."""
+    m = model("triton").cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    reference_model, eager = copy.deepcopy(m).double(), copy.deepcopy(m).to(dtype)
+    reference_model.set_backend("eager")
+    eager.set_backend("eager")
+    compiled = torch.compile(m.to(dtype), fullgraph=True)
     with torch.no_grad():
-        expected, actual = m(x).logits, compiled(x).logits
-    assert rel_err(actual.float(), expected.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
+        reference = reference_model(x.double()).logits
+        eager_err = rel_err(eager(x.to(dtype)).logits, reference)
+        compiled_err = rel_err(compiled(x.to(dtype)).logits, reference)
+    assert compiled_err <= 2 * eager_err + FLOORS[dtype], (compiled_err, eager_err)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8])
 def test_cuda_graph_capture(batch):
-    m = model("triton").to("cuda", torch.float16)
-    static_x = torch.randn(batch, 3, 64, 64, device="cuda", dtype=torch.float16)
+    """A replay runs the same kernels on the same inputs as an eager call: the logits must agree to float32
+    rounding (cuBLAS may pick another algorithm inside a capture, so not necessarily bit for bit)."""
+    m = model("triton").cuda()
+    static_x = torch.randn(batch, 3, 64, 64, device="cuda")
     with torch.no_grad():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -72,4 +83,4 @@ def test_cuda_graph_capture(batch):
         fresh = torch.randn_like(static_x)
         static_x.copy_(fresh)
         graph.replay()
-        assert rel_err(static_logits.float(), m(fresh).logits.float()) < 1e-3
+        assert rel_err(static_logits, m(fresh).logits) < 1e-6

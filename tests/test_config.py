@@ -91,3 +91,10 @@ def test_unknown_preset_and_wrong_model_type():
         preset("cvt-99")
     with pytest.raises(ValueError, match="model_type 'vit'"):
         CvtConfig.from_dict({"model_type": "vit"})
+
+
+def test_overrides_replace_what_the_file_says(tmp_path):
+    transformers.CvtConfig(id2label={i: f"class {i}" for i in range(1000)}).save_pretrained(tmp_path)
+    config = CvtConfig.from_pretrained(tmp_path, num_labels=10, depth=[1, 4, 16])
+    assert config.num_labels == 10 and config.id2label[9] == "LABEL_9" and config.depth == [1, 4, 16]
+    assert config.num_labels == transformers.CvtConfig.from_pretrained(tmp_path, num_labels=10).num_labels

@@ -153,7 +153,20 @@ def test_inputs_with_a_row_stride_and_bad_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "height, channels, with_cls",
-    [(56, 64, False), (28, 192, False), (14, 384, True), (56, 192, False), (28, 768, False), (14, 1024, True)],
+    [
+        (56, 64, False),
+        (28, 192, False),
+        (14, 384, True),  # CvT-13/21 at 224
+        (96, 64, False),
+        (48, 192, False),
+        (24, 384, True),  # at 384
+        (56, 192, False),
+        (28, 768, False),
+        (14, 1024, True),  # CvT-W24 at 224
+        (96, 192, False),
+        (48, 768, False),
+        (24, 1024, True),  # at 384
+    ],  # fmt: skip
 )
 def test_cvt_stage_shapes_on_gpu(height, channels, with_cls, dtype):
     check_case(2, height, height, channels, 3, 2, 1, with_cls, dtype, seed=height + channels)

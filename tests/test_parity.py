@@ -193,3 +193,35 @@ def test_train_mode_with_dropout_and_drop_path_draws_the_same_random_numbers():
     different = ours(x).logits
     assert_close(actual, expected, "logits with dropout and drop path")
     assert rel_err(different, expected) > 1e-3, "another seed should give other dropout masks"
+
+
+@pytest.mark.parametrize(
+    "edit", ["no_grad in place", "load_state_dict", "reassigned data x1", "reassigned data x2", "edited as float64"]
+)
+def test_eager_inference_honours_edited_weights(edit):
+    """The eager path caches BatchNorm folded into the conv weights; every usual way of editing them must show."""
+    kwargs = random_config_kwargs(2, stages=2, cls_token=[False, True])
+    hf, ours = model_pair(kwargs)
+    x = torch.randn(1, kwargs["num_channels"], *random_image_size(kwargs, 2))
+    with torch.inference_mode():
+        ours(x)  # fill the cache
+    bn = ours.cvt.encoder.stages[-1].layers[0].attention.attention.convolution_projection_key.convolution_projection
+    if edit == "no_grad in place":
+        with torch.no_grad():
+            bn.normalization.running_var.mul_(3.0)
+            bn.convolution.weight.add_(0.5)
+    elif edit == "load_state_dict":
+        state = {k: v.clone() for k, v in bn.state_dict().items()}
+        state["normalization.running_mean"] += 1.0
+        bn.load_state_dict(state)
+    elif edit.startswith("reassigned data"):
+        for _ in range(int(edit[-1])):  # new storage each time, which the allocator may place where an old one was
+            bn.normalization.weight.data = bn.normalization.weight.data * 2.0
+    else:
+        ours.double()
+        with torch.no_grad():
+            bn.normalization.bias.add_(1.0)
+        ours.float()
+    hf.load_state_dict(ours.state_dict())
+    with torch.inference_mode():
+        assert_close(ours(x).logits, hf(x).logits, f"logits after {edit}")

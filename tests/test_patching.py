@@ -61,6 +61,7 @@ def test_patched_layers_share_the_weights(hf_model):
 
 
 def test_patch_runs_the_kernels(hf_model):
+    pytest.importorskip("triton")
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     hf_model.to(DEVICE)
     before = logits(hf_model, x)
@@ -97,3 +98,26 @@ def test_refusals():
         cvt_fast.patch(torch.nn.Linear(3, 3))
     with pytest.raises(TypeError, match="expected a transformers CvtModel or CvtForImageClassification"):
         cvt_fast.from_transformers(torch.nn.Linear(3, 3))
+
+
+def test_unpatch_after_moving_and_training_keeps_everything(hf_model):
+    cvt_fast.patch(hf_model, backend="eager")
+    hf_model.double().train()
+    hf_model(torch.randn(2, 3, 32, 32, dtype=torch.float64))  # BatchNorm running statistics move
+    expected = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    cvt_fast.unpatch(hf_model)
+    hf_model.eval()
+    for key, value in hf_model.state_dict().items():
+        assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
+    hf_model(torch.randn(1, 3, 32, 32, dtype=torch.float64))  # and the original layers run on them
+
+
+def test_hooks_on_the_swapped_layers_keep_running(hf_model):
+    calls = []
+    layer = hf_model.cvt.encoder.stages[0].layers[0].attention.attention
+    layer.register_forward_hook(lambda module, args, out: calls.append(type(module).__module__))
+    cvt_fast.patch(hf_model)
+    logits(hf_model, torch.randn(1, 3, 32, 32))
+    cvt_fast.unpatch(hf_model)
+    logits(hf_model, torch.randn(1, 3, 32, 32))
+    assert calls == ["cvt_fast.modeling", "transformers.models.cvt.modeling_cvt"]
