@@ -1,7 +1,9 @@
 """torch.compile(fullgraph=True) and CUDA-graph capture of the fast model.
 
 On the CPU the graph is captured with the aot_eager backend (the whole model, no graph break, without paying for
-C++ code generation); on a GPU, inductor compiles the model around the Triton custom ops."""
+C++ code generation). There the model takes its eager path, so the custom ops are not in that graph; they are
+traced on their own in test_custom_ops.py, and inside the whole model by the GPU tests here, where inductor
+compiles the model around them."""
 
 import copy
 

@@ -77,6 +77,7 @@ def test_heads_read_by_stride(dtype):
 
 
 def test_reruns_are_bitwise_equal():
+    """Bites on a GPU, where programs run concurrently; the interpreter runs them one at a time."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 128, generator=generator).to(DEVICE) for n in (37, 11, 11))
     first = flash_attention(q, k, v, 2, 128**-0.5)

@@ -117,6 +117,7 @@ def test_random_shapes(seed):
 
 
 def test_reruns_are_bitwise_equal():
+    """Bites on a GPU, where programs run concurrently; the interpreter runs them one at a time."""
     generator = torch.Generator().manual_seed(0)
     params = cast(random_params(24, 3, 1, 1, 2, 1, generator), torch.float32)
     x = torch.randn(2, 1 + 6 * 7, 24, generator=generator).to(DEVICE)
