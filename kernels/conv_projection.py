@@ -25,6 +25,13 @@ from ..ops import conv_output_size
 
 
 @triton.jit
+def _output_positions(pid_p, BLOCK: tl.constexpr, out_h, out_w):
+    """This program's block of positions in an out_h x out_w output grid: (pos, in-grid mask, row, column)."""
+    pos = pid_p * BLOCK + tl.arange(0, BLOCK)
+    return pos, pos < out_h * out_w, pos // out_w, pos % out_w
+
+
+@triton.jit
 def _load_tap(x_base, ih, iw, H, W, stride_xt, p_mask, channels, c_mask):
     """x at pixel (ih, iw) of each position's window, as float32 (positions, BLOCK_C); zero outside the image,
     which is the convolution's zero padding."""
@@ -91,10 +98,7 @@ def _qkv_conv_bn_kernel(
             tl.store(v_ptr + b * (1 + Hk * Wk) * C + channels, cls, mask=c_mask)
 
     # ---- q: stride_q over the full grid ----
-    pos = pid_p * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_mask = pos < Hq * Wq
-    oh = pos // Wq
-    ow = pos % Wq
+    pos, p_mask, oh, ow = _output_positions(pid_p, BLOCK_Q, Hq, Wq)
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for di in tl.static_range(KSIZE):
         for dj in tl.static_range(KSIZE):
@@ -106,10 +110,7 @@ def _qkv_conv_bn_kernel(
     _store_batchnorm(q_ptr, acc, rows, channels, mask, C, q_gamma, q_beta, q_mean, q_var, q_eps, c_mask)
 
     # ---- k and v: stride_kv, sharing every tap they load ----
-    pos = pid_p * BLOCK_KV + tl.arange(0, BLOCK_KV)
-    p_mask = pos < Hk * Wk
-    oh = pos // Wk
-    ow = pos % Wk
+    pos, p_mask, oh, ow = _output_positions(pid_p, BLOCK_KV, Hk, Wk)
     acc_k = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
     acc_v = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
     for di in tl.static_range(KSIZE):
