@@ -10,6 +10,10 @@ Backends:
             backward) still take the eager path, as under "auto".
 
 The backend comes from the constructor / from_pretrained argument, else the CVT_FAST_BACKEND variable, else "auto".
+
+float32 attention on the kernel path (CVT_FAST_FP32_ATTENTION): "tf32x3" (the default: the kernel, with three TF32
+tensor-core products per dot for float32-level accuracy) or "sdpa" (PyTorch's scaled_dot_product_attention, which
+also computes float32 attention on tensor cores). The GPU sweep (bench/kernels.py) measures both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 BACKENDS = ("auto", "eager", "triton")
 ENV_VAR = "CVT_FAST_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_ATTENTION_VAR = "CVT_FAST_FP32_ATTENTION"
+FP32_ATTENTION_MODES = ("tf32x3", "sdpa")
 
 # Read once: Triton itself reads it once, when it is first imported.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -43,6 +49,16 @@ def resolve_backend(backend: str | None = None) -> str:
         source = "backend argument" if backend is not None else f"environment variable {ENV_VAR}"
         raise ValueError(f"{source} is {chosen!r}; expected one of {BACKENDS}")
     return chosen
+
+
+def fp32_attention_mode() -> str:
+    """How float32 attention runs on the kernel path (read on every call, so a test or a sweep can switch it)."""
+    mode = os.environ.get(FP32_ATTENTION_VAR, "tf32x3").strip().lower()
+    if mode not in FP32_ATTENTION_MODES:
+        raise ValueError(
+            f"environment variable {FP32_ATTENTION_VAR} is {mode!r}; expected one of {FP32_ATTENTION_MODES}"
+        )
+    return mode
 
 
 def prepare_backend(backend: str) -> None:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose_kernel
+from .dispatch import FP32_ATTENTION_VAR, choose_kernel, fp32_attention_mode
 
 
 class ConvBN(NamedTuple):
@@ -40,47 +40,81 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 # ---- eager references ---------------------------------------------------------------------------------------
 
-# Folded (weight, bias) per conv weight tensor. Folding costs a handful of tiny ops per projection: uncached,
-# 9 ms of a 63 ms CvT-13 forward at batch 1 on our CPU machine. An entry is valid while each of the five sources
-# keeps its storage address and version counter: in-place edits (under no_grad, load_state_dict, .to(), ...) bump
-# the version, and a reassigned .data gets a new address, because the entry keeps the old storages alive so that
-# their addresses cannot be reused. Only in-place edits through .data bypass the version counter, as they do for
-# autograd: clear_fold_cache() after those. Keyed by id() (tensors compare elementwise, so they cannot be dict
-# keys); an entry goes when its weight tensor does.
-_fold_cache: dict[int, tuple] = {}
+# Folded BatchNorm, cached. Folding costs a handful of tiny ops per projection: uncached, 9 ms of a 63 ms CvT-13
+# forward at batch 1 on our CPU machine, and a dozen launches per layer on a GPU. An entry is valid while each of
+# its sources keeps its storage address and version counter: in-place edits (under no_grad, load_state_dict,
+# .to(), ...) bump the version, and a reassigned .data gets a new address, because the entry keeps the old storages
+# alive so that their addresses cannot be reused. Only in-place edits through .data bypass the version counter, as
+# they do for autograd: clear_fold_cache() after those. Keyed by (kind, id() of the first weight) (tensors compare
+# elementwise, so they cannot be dict keys); an entry goes when that weight tensor does.
+_fold_cache: dict[tuple[str, int], tuple] = {}
 
 
 def clear_fold_cache() -> None:
     _fold_cache.clear()
 
 
+def _cached_fold(kind: str, sources: Sequence[torch.Tensor], extra_key: tuple, compute: Callable[[], tuple]):
+    """compute(), or its cached result while `sources` are unchanged (see _fold_cache). Not cached while autograd
+    records through the sources (the fold must then be part of the graph) or inside a torch.compile trace."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+    cacheable = not recording and not torch.compiler.is_compiling()
+    if cacheable:
+        try:
+            key = extra_key + tuple((t.data_ptr(), t._version) for t in sources)
+        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
+            cacheable = False
+        else:
+            slot = (kind, id(sources[0]))
+            hit = _fold_cache.get(slot)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+    result = compute()
+    if cacheable:
+        if slot not in _fold_cache:
+            weakref.finalize(sources[0], _fold_cache.pop, slot, None)
+        _fold_cache[slot] = (key, result, tuple(t.untyped_storage() for t in sources))
+    return result
+
+
+def _bn_scale_shift(gamma, beta, mean, var, eps: float, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm on running statistics as y = x * scale + shift, computed in `compute`."""
+    scale = gamma.to(compute) * torch.rsqrt(var.to(compute) + eps)
+    return scale, beta.to(compute) - mean.to(compute) * scale
+
+
 def fold_conv_bn(p: ConvBN, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm folded into the depthwise conv: (C, 1, k, k) weight and (C,) bias, in `dtype`.
 
     Folding happens in float32 (float64 for float64 weights) whatever `dtype` is, so half-precision models lose
-    nothing to it. Cached while no autograd is recording (see _fold_cache for when an entry stays valid).
+    nothing to it. Cached (see _fold_cache for when an entry stays valid).
     """
+
+    def compute():
+        compute_dtype = torch.promote_types(p.weight.dtype, torch.float32)
+        scale, shift = _bn_scale_shift(p.bn_weight, p.bn_bias, p.running_mean, p.running_var, p.eps, compute_dtype)
+        return (p.weight.to(compute_dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
+
     sources = (p.weight, p.bn_weight, p.bn_bias, p.running_mean, p.running_var)
-    cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if cacheable:
-        try:
-            key = (dtype, p.eps) + tuple((t.data_ptr(), t._version) for t in sources)
-        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
-            cacheable = False
-        else:
-            hit = _fold_cache.get(id(p.weight))
-            if hit is not None and hit[0] == key:
-                return hit[1], hit[2]
-    compute = torch.promote_types(p.weight.dtype, torch.float32)
-    scale = p.bn_weight.to(compute) * torch.rsqrt(p.running_var.to(compute) + p.eps)
-    weight = (p.weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype)
-    bias = (p.bn_bias.to(compute) - p.running_mean.to(compute) * scale).to(dtype)
-    if cacheable:
-        if id(p.weight) not in _fold_cache:
-            weakref.finalize(p.weight, _fold_cache.pop, id(p.weight), None)
-        keep_alive = tuple(t.untyped_storage() for t in sources)
-        _fold_cache[id(p.weight)] = (key, weight, bias, keep_alive)
-    return weight, bias
+    return _cached_fold("conv", sources, (dtype, p.eps), compute)
+
+
+def fold_qkv_for_kernel(
+    weights: Sequence[torch.Tensor], bn_params: Sequence[torch.Tensor], eps: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three projections' BatchNorms folded into their depthwise weights, as the fused kernel reads them:
+    weight (3, K*K, C) tap-major (a tap's channels contiguous) and shift (3, C), both float32 whatever the model's
+    dtype (folded once, cached; the kernel accumulates in float32 anyway)."""
+
+    def compute():
+        folded_weights, shifts = [], []
+        for i, weight in enumerate(weights):
+            scale, shift = _bn_scale_shift(*bn_params[4 * i : 4 * i + 4], eps[i], torch.float32)  # noqa: E203
+            folded_weights.append((weight.to(torch.float32).flatten(1) * scale[:, None]).t())  # (K*K, C)
+            shifts.append(shift)
+        return torch.stack(folded_weights).contiguous(), torch.stack(shifts).contiguous()
+
+    return _cached_fold("qkv kernel", (*weights, *bn_params), tuple(float(e) for e in eps), compute)
 
 
 def split_cls(x: torch.Tensor, with_cls: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -211,6 +245,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: 
 
 @_attention_op.register_kernel("cuda")
 def _attention_cuda(q, k, v, num_heads, scale):
+    if q.dtype == torch.float32 and fp32_attention_mode() == "sdpa":
+        return attention_reference(q, k, v, num_heads, scale).contiguous()
     from .kernels.attention import flash_attention
 
     return flash_attention(q, k, v, num_heads, scale)
@@ -224,6 +260,7 @@ def _attention_fake(q, k, v, num_heads, scale):
 # ---- dispatching entry points used by the model --------------------------------------------------------------
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
+FP32_MAX_HEAD_DIM = 64  # the float32 (tf32x3) kernel spills registers beyond it (kernels/attention.py)
 
 
 def qkv_projection(
@@ -278,6 +315,10 @@ def attention(
     unsupported = None
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         unsupported = f"head_dim {head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    elif q.dtype == torch.float32 and fp32_attention_mode() == "sdpa":
+        unsupported = f"float32 attention is given to scaled_dot_product_attention ({FP32_ATTENTION_VAR}=sdpa)"
+    elif q.dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
+        unsupported = f"float32 with head_dim {head_dim} > {FP32_MAX_HEAD_DIM}: the kernel would spill registers"
     reason = choose_kernel("attention", backend, [q, k, v], training=training, unsupported=unsupported)
     _record(paths, "attention", reason)
     if reason is not None:
@@ -299,6 +340,7 @@ __all__ = [
     "attention",
     "attention_reference",
     "fold_conv_bn",
+    "fold_qkv_for_kernel",
     "qkv_projection",
     "qkv_projection_reference",
 ]

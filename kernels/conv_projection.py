@@ -3,31 +3,39 @@
 Fuses, for x in token layout (B, [1 +] H*W, C):
   q = BN_q(dwconv_q(x, stride_q, padding_q)),  k = BN_k(dwconv_k(x, stride_kv, padding_kv)),  v likewise,
 each written straight back in token layout, with the cls row (row 0, never convolved) copied in front: no
-permute, no torch.cat. BatchNorm uses running statistics, folded inside the kernel on every call (scale =
-gamma / sqrt(var + eps), shift = beta - mean * scale), so weights edited after loading are honoured.
+permute, no torch.cat. BatchNorm (running statistics) is folded into the conv weights on the host, in float32,
+by cvt_fast.ops.fold_qkv_for_kernel, which caches the fold while the weights and statistics are unchanged (edits
+are seen through PyTorch's version counters). The kernel reads that fold tap-major, (3, K*K, C), so the weights of
+one tap for a block of channels are contiguous: one vector load, never a gather.
 
-One program owns a block of channels and a block of positions of the q grid *and* the matching block of the
-(smaller) k/v grid: both read the same neighbourhood of x, so the taps k and v need are still in L1/L2 when they
-are loaded. k and v share every loaded tap. Accumulation is float32 whatever the input dtype.
+One program owns a block of channels and walks through several blocks of positions of the q grid *and*, in the
+same iteration, the matching block of the (smaller) k/v grid: both read the same neighbourhood of x, so the taps
+k and v need are still in L1 when they are loaded, and the weights stay in L1 across iterations. k and v share
+every loaded tap. Accumulation is float32 whatever the input dtype.
 
+Block sizes: `default_config` (a table; its speed on Hopper is not yet measured), `candidate_configs` for tuning
+sweeps, or an explicit `config=`.
 Not covered (the eager path serves them): BatchNorm on batch statistics (training), autograd, keys and values
 with different strides or paddings, the "avg" and "linear" projection methods.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_INTERPRET
-from ..ops import conv_output_size
+from ..ops import conv_output_size, fold_qkv_for_kernel
+from .launch import launch_guard, multiprocessor_count
 
 
 @triton.jit
-def _output_positions(pid_p, BLOCK: tl.constexpr, out_h, out_w):
-    """This program's block of positions in an out_h x out_w output grid: (pos, in-grid mask, row, column)."""
-    pos = pid_p * BLOCK + tl.arange(0, BLOCK)
+def _output_positions(block, BLOCK: tl.constexpr, out_h, out_w):
+    """A block of positions in an out_h x out_w output grid: (pos, in-grid mask, row, column)."""
+    pos = block * BLOCK + tl.arange(0, BLOCK)
     return pos, pos < out_h * out_w, pos // out_w, pos % out_w
 
 
@@ -41,21 +49,15 @@ def _load_tap(x_base, ih, iw, H, W, stride_xt, p_mask, channels, c_mask):
 
 
 @triton.jit
-def _load_weight(w_ptr, channels, c_mask, tap, TAPS: tl.constexpr):
-    """One tap of a (C, 1, K, K) depthwise weight, for a block of channels, as float32."""
-    return tl.load(w_ptr + channels * TAPS + tap, mask=c_mask, other=0.0).to(tl.float32)
+def _load_weight(w_ptr, projection: tl.constexpr, tap, TAPS: tl.constexpr, C, channels, c_mask):
+    """One tap of one projection's folded weight, (BLOCK_C,) float32: contiguous channels, a vector load."""
+    return tl.load(w_ptr + (projection * TAPS + tap) * C + channels, mask=c_mask, other=0.0)
 
 
 @triton.jit
-def _store_batchnorm(out_ptr, acc, rows, channels, mask, C, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c_mask):
-    """BatchNorm from the running statistics (scale = gamma / sqrt(var + eps), shift = beta - mean * scale), applied
-    to the float32 conv sums and stored in the output's dtype."""
-    gamma = tl.load(gamma_ptr + channels, mask=c_mask, other=1.0).to(tl.float32)
-    beta = tl.load(beta_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
-    var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(tl.float32)
-    scale = gamma / tl.sqrt(var + eps)
-    out = acc * scale[None, :] + (beta - mean * scale)[None, :]
+def _store(out_ptr, acc, bias, rows, channels, mask, C):
+    """The float32 conv sums plus the folded BatchNorm shift, stored in the output's dtype."""
+    out = acc + bias[None, :]
     tl.store(out_ptr + rows[:, None] * C + channels[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -65,21 +67,17 @@ def _qkv_conv_bn_kernel(
     q_ptr,  # (B, WITH_CLS + Hq * Wq, C) output, contiguous
     k_ptr,  # (B, WITH_CLS + Hk * Wk, C) output, contiguous
     v_ptr,  # (B, WITH_CLS + Hk * Wk, C) output, contiguous
-    wq_ptr,  # (C, 1, KSIZE, KSIZE) depthwise weights of q, contiguous
-    wk_ptr,  # (C, 1, KSIZE, KSIZE) of k
-    wv_ptr,  # (C, 1, KSIZE, KSIZE) of v
-    q_gamma, q_beta, q_mean, q_var,  # (C,) BatchNorm of q: weight, bias, running mean, running variance
-    k_gamma, k_beta, k_mean, k_var,  # (C,) of k
-    v_gamma, v_beta, v_mean, v_var,  # (C,) of v
-    q_eps, k_eps, v_eps,
+    w_ptr,  # (3, KSIZE * KSIZE, C) float32, contiguous: BatchNorm-folded depthwise weights of q, k, v, tap-major
+    bias_ptr,  # (3, C) float32, contiguous: BatchNorm-folded shifts of q, k, v
     stride_xb, stride_xt,  # x strides in elements for batch and token
     C, H, W, Hq, Wq, Hk, Wk,
+    blocks_per_program,  # position blocks each program walks through
     KSIZE: tl.constexpr,
     STRIDE_Q: tl.constexpr, PAD_Q: tl.constexpr,
     STRIDE_KV: tl.constexpr, PAD_KV: tl.constexpr,
     WITH_CLS: tl.constexpr,  # 1 when row 0 is a cls token, else 0
-    BLOCK_Q: tl.constexpr,  # q-grid positions per program
-    BLOCK_KV: tl.constexpr,  # k/v-grid positions per program (about BLOCK_Q * Nkv / Nq: the same region of x)
+    BLOCK_Q: tl.constexpr,  # q-grid positions per block
+    BLOCK_KV: tl.constexpr,  # k/v-grid positions per block (about BLOCK_Q * Nkv / Nq: the same region of x)
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
@@ -89,67 +87,91 @@ def _qkv_conv_bn_kernel(
     c_mask = channels < C
     x_base = x_ptr + b * stride_xb + WITH_CLS * stride_xt  # first grid token of this image
     TAPS: tl.constexpr = KSIZE * KSIZE
+    # 3x3 kernels unroll whole (their 27 weight vectors then stay in registers across the position loop); larger
+    # ones keep one kernel row of taps live at a time, or they would spill.
+    ROW_UNROLL: tl.constexpr = KSIZE if KSIZE <= 3 else 1
+    q_rows0 = b * (WITH_CLS + Hq * Wq) + WITH_CLS  # output row of this image's first q position
+    kv_rows0 = b * (WITH_CLS + Hk * Wk) + WITH_CLS
 
     if WITH_CLS:  # the cls row is carried over unchanged, once per (image, channel block)
         if pid_p == 0:
             cls = tl.load(x_ptr + b * stride_xb + channels, mask=c_mask)
-            tl.store(q_ptr + b * (1 + Hq * Wq) * C + channels, cls, mask=c_mask)
-            tl.store(k_ptr + b * (1 + Hk * Wk) * C + channels, cls, mask=c_mask)
-            tl.store(v_ptr + b * (1 + Hk * Wk) * C + channels, cls, mask=c_mask)
+            tl.store(q_ptr + (q_rows0 - 1) * C + channels, cls, mask=c_mask)
+            tl.store(k_ptr + (kv_rows0 - 1) * C + channels, cls, mask=c_mask)
+            tl.store(v_ptr + (kv_rows0 - 1) * C + channels, cls, mask=c_mask)
 
-    # ---- q: stride_q over the full grid ----
-    pos, p_mask, oh, ow = _output_positions(pid_p, BLOCK_Q, Hq, Wq)
-    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    for di in tl.static_range(KSIZE):
-        for dj in tl.static_range(KSIZE):
-            tap = _load_tap(x_base, oh * STRIDE_Q - PAD_Q + di, ow * STRIDE_Q - PAD_Q + dj, H, W, stride_xt,
-                            p_mask, channels, c_mask)  # fmt: skip
-            acc += tap * _load_weight(wq_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
-    rows = b * (WITH_CLS + Hq * Wq) + WITH_CLS + pos
-    mask = p_mask[:, None] & c_mask[None, :]
-    _store_batchnorm(q_ptr, acc, rows, channels, mask, C, q_gamma, q_beta, q_mean, q_var, q_eps, c_mask)
+    bias_q = tl.load(bias_ptr + channels, mask=c_mask, other=0.0)
+    bias_k = tl.load(bias_ptr + C + channels, mask=c_mask, other=0.0)
+    bias_v = tl.load(bias_ptr + 2 * C + channels, mask=c_mask, other=0.0)
+    for i in range(blocks_per_program):
+        block = pid_p * blocks_per_program + i
 
-    # ---- k and v: stride_kv, sharing every tap they load ----
-    pos, p_mask, oh, ow = _output_positions(pid_p, BLOCK_KV, Hk, Wk)
-    acc_k = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
-    for di in tl.static_range(KSIZE):
-        for dj in tl.static_range(KSIZE):
-            tap = _load_tap(x_base, oh * STRIDE_KV - PAD_KV + di, ow * STRIDE_KV - PAD_KV + dj, H, W, stride_xt,
-                            p_mask, channels, c_mask)  # fmt: skip
-            acc_k += tap * _load_weight(wk_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
-            acc_v += tap * _load_weight(wv_ptr, channels, c_mask, di * KSIZE + dj, TAPS)[None, :]
-    rows = b * (WITH_CLS + Hk * Wk) + WITH_CLS + pos
-    mask = p_mask[:, None] & c_mask[None, :]
-    _store_batchnorm(k_ptr, acc_k, rows, channels, mask, C, k_gamma, k_beta, k_mean, k_var, k_eps, c_mask)
-    _store_batchnorm(v_ptr, acc_v, rows, channels, mask, C, v_gamma, v_beta, v_mean, v_var, v_eps, c_mask)
+        # ---- q: stride_q over the full grid ----
+        pos, p_mask, oh, ow = _output_positions(block, BLOCK_Q, Hq, Wq)
+        acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        for di in tl.range(0, KSIZE, loop_unroll_factor=ROW_UNROLL):
+            for dj in tl.static_range(KSIZE):
+                tap = _load_tap(x_base, oh * STRIDE_Q - PAD_Q + di, ow * STRIDE_Q - PAD_Q + dj, H, W, stride_xt,
+                                p_mask, channels, c_mask)  # fmt: skip
+                acc += tap * _load_weight(w_ptr, 0, di * KSIZE + dj, TAPS, C, channels, c_mask)[None, :]
+        _store(q_ptr, acc, bias_q, q_rows0 + pos, channels, p_mask[:, None] & c_mask[None, :], C)
+
+        # ---- k and v: stride_kv, sharing every tap they load ----
+        pos, p_mask, oh, ow = _output_positions(block, BLOCK_KV, Hk, Wk)
+        acc_k = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_KV, BLOCK_C), dtype=tl.float32)
+        for di in tl.range(0, KSIZE, loop_unroll_factor=ROW_UNROLL):
+            for dj in tl.static_range(KSIZE):
+                tap = _load_tap(x_base, oh * STRIDE_KV - PAD_KV + di, ow * STRIDE_KV - PAD_KV + dj, H, W, stride_xt,
+                                p_mask, channels, c_mask)  # fmt: skip
+                acc_k += tap * _load_weight(w_ptr, 1, di * KSIZE + dj, TAPS, C, channels, c_mask)[None, :]
+                acc_v += tap * _load_weight(w_ptr, 2, di * KSIZE + dj, TAPS, C, channels, c_mask)[None, :]
+        mask = p_mask[:, None] & c_mask[None, :]
+        _store(k_ptr, acc_k, bias_k, kv_rows0 + pos, channels, mask, C)
+        _store(v_ptr, acc_v, bias_v, kv_rows0 + pos, channels, mask, C)
 
 
-def block_sizes(
-    n_q: int,
-    n_kv: int,
-    channels: int,
-    ksize: int,
-    blocks: tuple[int, int] | None = None,
-    interpreter: bool = TRITON_INTERPRET,
-) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_KV, BLOCK_C, num_warps). BLOCK_KV covers about the same region of x as BLOCK_Q does.
-    On the GPU: 64 channels (a 128-byte line in half precision) by 32 positions (16 from 5x5 kernels up, whose
-    taps take more registers), 4 warps: no register spill on sm_90 (ptxas resource usage, checked by
-    tests/test_kernels_compile.py). Their speed is not yet measured on Hopper."""
-    if blocks is not None:
-        (block_q, block_c), num_warps = blocks, 1 if interpreter else 4
-    elif interpreter:
+class ConvConfig(NamedTuple):
+    """How a launch tiles the work: q positions and channels per block, warps, position blocks per program."""
+
+    block_q: int
+    block_c: int
+    num_warps: int = 4
+    blocks_per_program: int = 1
+
+
+def default_config(
+    n_q: int, n_kv: int, channels: int, batch: int, num_sms: int = 132, interpreter: bool = TRITON_INTERPRET
+) -> ConvConfig:
+    """The table used when no config is given. On the GPU: 32 positions by 64 channels (a 128-byte line in half
+    precision), one warp per 512 outputs; each program walks through up to 8 position blocks, as many as still
+    leave about eight programs per multiprocessor, so that the weights it holds in registers serve more outputs.
+    Not when k and v keep the full grid (stride 1): their accumulators are then as large as q's, and the registers
+    left cannot hold the weights too. No configuration it picks spills on sm_90 (tests/test_kernels_compile.py);
+    their speed on Hopper is not yet measured."""
+    if interpreter:
         # The interpreter pays per operation, not per element: few, large programs are what makes it fast.
-        block_q, block_c, num_warps = (
-            min(256, triton.next_power_of_2(n_q)),
-            min(64, triton.next_power_of_2(channels)),
-            1,
-        )
-    else:
-        block_q, block_c, num_warps = 32 if ksize <= 3 else 16, min(64, triton.next_power_of_2(channels)), 4
-    block_kv = triton.next_power_of_2(max(1, -(-block_q * n_kv // max(n_q, 1))))
-    return block_q, block_kv, block_c, num_warps
+        return ConvConfig(min(256, triton.next_power_of_2(n_q)), min(64, triton.next_power_of_2(channels)), 1, 1)
+    block_q, block_c = 32, min(64, max(16, triton.next_power_of_2(channels)))
+    num_warps = max(1, block_q * block_c // 512)
+    if 2 * n_kv > n_q:
+        return ConvConfig(block_q, block_c, num_warps, 1)
+    programs = triton.cdiv(n_q, block_q) * triton.cdiv(channels, block_c) * batch
+    blocks_per_program = max(1, min(8, programs // (8 * num_sms)))
+    return ConvConfig(block_q, block_c, num_warps, 1 << (blocks_per_program.bit_length() - 1))
+
+
+def candidate_configs() -> list[ConvConfig]:
+    """What a tuning sweep tries (bench/kernels.py --sweep): tile shapes and warps that move vectors and do not
+    spill on CvT's 3x3 kernels (tests/test_kernels_compile.py), each with 1 to 8 position blocks per program."""
+    tiles = ((32, 32, 2), (32, 64, 4), (64, 32, 4), (64, 64, 8), (32, 128, 8))
+    configs = [ConvConfig(q, c, w, per_program) for q, c, w in tiles for per_program in (1, 2, 4, 8)]
+    return configs + [ConvConfig(64, 64, 4, 1), ConvConfig(128, 64, 8, 1)]
+
+
+def kv_block(block_q: int, n_q: int, n_kv: int) -> int:
+    """k/v positions per block: the same share of the k/v grid as block_q is of the q grid, a power of two."""
+    return triton.next_power_of_2(max(1, -(-block_q * n_kv // max(n_q, 1))))
 
 
 def qkv_conv_bn(
@@ -165,13 +187,13 @@ def qkv_conv_bn(
     stride_kv: int,
     padding_kv: int,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    blocks: tuple[int, int] | None = None,
+    config: ConvConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, [1 +] H*W, C) -> q (B, [1 +] Hq*Wq, C), k and v (B, [1 +] Hk*Wk, C), in x's dtype.
 
     weights: [q, k, v] depthwise conv weights (C, 1, K, K); bn_params: [gamma, beta, mean, var] of q, then k, then v.
     out: optional contiguous (q, k, v) to write into (preallocated buffers; the tests pass NaN-filled ones).
-    blocks: optional (BLOCK_Q, BLOCK_C) powers of two, for tests of block edges and for tuning sweeps.
+    config: optional ConvConfig (block sizes must be powers of two), for tests of block edges and tuning sweeps.
     """
     if x.ndim != 3:
         raise ValueError(f"x must be (batch, tokens, channels), got shape {tuple(x.shape)}")
@@ -185,12 +207,12 @@ def qkv_conv_bn(
             raise ValueError(f"depthwise weights must be ({channels}, 1, {ksize}, {ksize}), got {tuple(w.shape)}")
     if len(bn_params) != 12 or any(p.shape != (channels,) for p in bn_params):
         raise ValueError(f"bn_params must be 12 tensors of shape ({channels},)")
+    if any(t.device != x.device for t in (*weights, *bn_params)):
+        raise ValueError(f"weights and BatchNorm parameters must be on x's device, {x.device}")
     if batch > 65535:  # the batch is the grid's z axis
         raise ValueError(f"batches of at most 65535 images, got {batch}; split the batch")
     if x.stride(2) != 1:
         x = x.contiguous()
-    weights = [w.contiguous() for w in weights]
-    bn_params = [p.contiguous() for p in bn_params]
 
     hq, wq = conv_output_size(height, ksize, stride_q, padding_q), conv_output_size(width, ksize, stride_q, padding_q)
     hk, wk = (
@@ -212,14 +234,23 @@ def qkv_conv_bn(
                 raise ValueError(f"out tensors must be contiguous {x.dtype} of shapes {shapes}")
         q, k, v = out
 
-    block_q, block_kv, block_c, num_warps = block_sizes(hq * wq, hk * wk, channels, ksize, blocks)
-    grid = (max(triton.cdiv(hq * wq, block_q), triton.cdiv(hk * wk, block_kv)), triton.cdiv(channels, block_c), batch)
-    _qkv_conv_bn_kernel[grid](
-        x, q, k, v, *weights, *bn_params, *(float(e) for e in eps),
-        x.stride(0), x.stride(1),
-        channels, height, width, hq, wq, hk, wk,
-        KSIZE=ksize, STRIDE_Q=stride_q, PAD_Q=padding_q, STRIDE_KV=stride_kv, PAD_KV=padding_kv,
-        WITH_CLS=extra, BLOCK_Q=block_q, BLOCK_KV=block_kv, BLOCK_C=block_c,
-        num_warps=num_warps,
-    )  # fmt: skip
+    folded_weight, folded_bias = fold_qkv_for_kernel(weights, bn_params, eps)  # (3, K*K, C), (3, C) float32
+    if config is None:
+        config = default_config(hq * wq, hk * wk, channels, batch, multiprocessor_count(x.device))
+    block_kv = kv_block(config.block_q, hq * wq, hk * wk)
+    position_blocks = max(triton.cdiv(hq * wq, config.block_q), triton.cdiv(hk * wk, block_kv))
+    grid = (triton.cdiv(position_blocks, config.blocks_per_program), triton.cdiv(channels, config.block_c), batch)
+    with launch_guard(x):
+        _qkv_conv_bn_kernel[grid](
+            x, q, k, v, folded_weight, folded_bias,
+            x.stride(0), x.stride(1),
+            channels, height, width, hq, wq, hk, wk,
+            config.blocks_per_program,
+            KSIZE=ksize, STRIDE_Q=stride_q, PAD_Q=padding_q, STRIDE_KV=stride_kv, PAD_KV=padding_kv,
+            WITH_CLS=extra, BLOCK_Q=config.block_q, BLOCK_KV=block_kv, BLOCK_C=config.block_c,
+            num_warps=config.num_warps,
+        )  # fmt: skip
     return q, k, v
+
+
+__all__ = ["ConvConfig", "candidate_configs", "default_config", "qkv_conv_bn"]

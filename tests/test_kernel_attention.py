@@ -13,11 +13,12 @@ from helpers import DEVICE, assert_within_rule, nan_like, rel_err
 
 pytest.importorskip("triton")
 from cvt_fast.kernels import flash_attention  # noqa: E402
+from cvt_fast.kernels.attention import AttentionConfig  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-def check_case(batch, n_q, n_k, heads, head_dim, dtype, seed, layout="contiguous", blocks=None):
+def check_case(batch, n_q, n_k, heads, head_dim, dtype, seed, layout="contiguous", config=None):
     generator = torch.Generator().manual_seed(seed)
     channels = heads * head_dim
     q64, k64, v64 = (torch.randn(batch, n, channels, generator=generator, dtype=torch.float64) for n in (n_q, n_k, n_k))
@@ -29,7 +30,7 @@ def check_case(batch, n_q, n_k, heads, head_dim, dtype, seed, layout="contiguous
         assert q.stride(1) == 2 * channels
     eager = ops.attention_reference(q, k, v, heads, scale)
     out = nan_like((batch, n_q, channels), dtype)
-    actual = flash_attention(q, k, v, heads, scale, out=out, blocks=blocks)
+    actual = flash_attention(q, k, v, heads, scale, out=out, config=config)
     assert actual is out and actual.dtype == dtype
     assert_within_rule(actual.cpu(), eager.cpu(), reference, dtype, f"Nq={n_q} Nk={n_k} heads={heads} {dtype}")
 
@@ -50,11 +51,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default-blocks", "16x16"])
+@pytest.mark.parametrize("config", [None, AttentionConfig(16, 16, 1, 1)], ids=["default-blocks", "16x16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_against_float64_reference(case, dtype, blocks):
-    check_case(*case, dtype=dtype, seed=sum(case), blocks=blocks)
+def test_against_float64_reference(case, dtype, config):
+    check_case(*case, dtype=dtype, seed=sum(case), config=config)
 
 
 @pytest.mark.parametrize("seed", range(6))

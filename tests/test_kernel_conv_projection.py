@@ -14,6 +14,7 @@ from helpers import DEVICE, assert_within_rule, nan_like, rel_err
 
 pytest.importorskip("triton")
 from cvt_fast.kernels import qkv_conv_bn  # noqa: E402
+from cvt_fast.kernels.conv_projection import ConvConfig  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -52,13 +53,13 @@ def unfused_eager(x, height, width, with_cls, params):
     return outs
 
 
-def run_kernel(x, height, width, with_cls, params, poison=True, blocks=None):
+def run_kernel(x, height, width, with_cls, params, poison=True, config=None):
     q_ref = ops.qkv_projection_reference(x, height, width, with_cls, *params)  # shapes only
     out = tuple(nan_like(t.shape, x.dtype, x.device) for t in q_ref) if poison else None
-    return qkv_conv_bn(x, height, width, with_cls, *ops.flatten_conv_bn(*params), out=out, blocks=blocks)
+    return qkv_conv_bn(x, height, width, with_cls, *ops.flatten_conv_bn(*params), out=out, config=config)
 
 
-def check_case(batch, height, width, channels, ksize, stride_kv, padding_kv, with_cls, dtype, seed, blocks=None):
+def check_case(batch, height, width, channels, ksize, stride_kv, padding_kv, with_cls, dtype, seed, config=None):
     generator = torch.Generator().manual_seed(seed)
     params64 = random_params(channels, ksize, 1, ksize // 2, stride_kv, padding_kv, generator)
     x64 = torch.randn(batch, int(with_cls) + height * width, channels, generator=generator, dtype=torch.float64)
@@ -66,7 +67,7 @@ def check_case(batch, height, width, channels, ksize, stride_kv, padding_kv, wit
     references = ops.qkv_projection_reference(x64.cpu(), height, width, with_cls, *cast(params64, torch.float64))
     x, params = x64.to(dtype), cast(params64, dtype)
     eager = unfused_eager(x, height, width, with_cls, params)
-    actual = run_kernel(x, height, width, with_cls, params, blocks=blocks)
+    actual = run_kernel(x, height, width, with_cls, params, config=config)
     for name, a, e, r in zip("qkv", actual, eager, references, strict=True):
         assert a.shape == r.shape and a.dtype == dtype
         assert_within_rule(a.cpu(), e.cpu(), r, dtype, f"{name} {dtype}")
@@ -88,12 +89,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocks", [None, (16, 16)], ids=["default-blocks", "16x16"])
+# Default blocks; 16 x 16 blocks (several blocks of positions and channels); and programs that walk through three
+# position blocks each, so that the last program runs past the end of both grids.
+CONFIGS = [None, ConvConfig(16, 16, 1, 1), ConvConfig(16, 16, 1, 3)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default-blocks", "16x16", "16x16-loop3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_against_float64_reference(case, dtype, blocks):
-    """Each case with the default blocks and with 16 x 16 blocks (several blocks of positions and channels)."""
-    check_case(*case, dtype=dtype, seed=hash(case) % 1000, blocks=blocks)
+def test_against_float64_reference(case, dtype, config):
+    check_case(*case, dtype=dtype, seed=hash(case) % 1000, config=config)
 
 
 @pytest.mark.parametrize("seed", range(6))
