@@ -100,11 +100,12 @@ def fold_conv_bn(p: ConvBN, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 
 def fold_qkv_for_kernel(
-    weights: Sequence[torch.Tensor], bn_params: Sequence[torch.Tensor], eps: Sequence[float]
+    weights: Sequence[torch.Tensor], bn_params: Sequence[torch.Tensor], eps: Sequence[float], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The three projections' BatchNorms folded into their depthwise weights, as the fused kernel reads them:
-    weight (3, K*K, C) tap-major (a tap's channels contiguous) and shift (3, C), both float32 whatever the model's
-    dtype (folded once, cached; the kernel accumulates in float32 anyway)."""
+    weight (3, K*K, C) tap-major (a tap's channels contiguous) in `dtype`, the activations' dtype, as the eager
+    path's fold is (half the bytes the kernel reads per tap in half precision), and shift (3, C) in float32, added
+    to the float32 sums. Folded in float32 once and cached."""
 
     def compute():
         folded_weights, shifts = [], []
@@ -112,9 +113,10 @@ def fold_qkv_for_kernel(
             scale, shift = _bn_scale_shift(*bn_params[4 * i : 4 * i + 4], eps[i], torch.float32)  # noqa: E203
             folded_weights.append((weight.to(torch.float32).flatten(1) * scale[:, None]).t())  # (K*K, C)
             shifts.append(shift)
-        return torch.stack(folded_weights).contiguous(), torch.stack(shifts).contiguous()
+        return torch.stack(folded_weights).to(dtype).contiguous(), torch.stack(shifts).contiguous()
 
-    return _cached_fold("qkv kernel", (*weights, *bn_params), tuple(float(e) for e in eps), compute)
+    extra_key = (dtype, *(float(e) for e in eps))
+    return _cached_fold("qkv kernel", (*weights, *bn_params), extra_key, compute)
 
 
 def split_cls(x: torch.Tensor, with_cls: bool) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -8,10 +8,10 @@ by cvt_fast.ops.fold_qkv_for_kernel, which caches the fold while the weights and
 are seen through PyTorch's version counters). The kernel reads that fold tap-major, (3, K*K, C), so the weights of
 one tap for a block of channels are contiguous: one vector load, never a gather.
 
-One program owns a block of channels and walks through several blocks of positions of the q grid *and*, in the
-same iteration, the matching block of the (smaller) k/v grid: both read the same neighbourhood of x, so the taps
-k and v need are still in L1 when they are loaded, and the weights stay in L1 across iterations. k and v share
-every loaded tap. Accumulation is float32 whatever the input dtype.
+One program owns a block of channels and one or more blocks of positions of the q grid *and*, in the same
+iteration, the matching block of the (smaller) k/v grid: both read the same neighbourhood of x, so the taps k and
+v need are still in L1 when they are loaded. k and v share every loaded tap. Accumulation is float32 whatever the
+input dtype; the folded weights come in the input's dtype (as the eager path's fold does), the shifts in float32.
 
 Block sizes: `default_config` (a table; its speed on Hopper is not yet measured), `candidate_configs` for tuning
 sweeps, or an explicit `config=`.
@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..dispatch import TRITON_INTERPRET
 from ..ops import conv_output_size, fold_qkv_for_kernel
-from .launch import launch_guard, multiprocessor_count
+from .launch import launch_guard
 
 
 @triton.jit
@@ -50,8 +50,8 @@ def _load_tap(x_base, ih, iw, H, W, stride_xt, p_mask, channels, c_mask):
 
 @triton.jit
 def _load_weight(w_ptr, projection: tl.constexpr, tap, TAPS: tl.constexpr, C, channels, c_mask):
-    """One tap of one projection's folded weight, (BLOCK_C,) float32: contiguous channels, a vector load."""
-    return tl.load(w_ptr + (projection * TAPS + tap) * C + channels, mask=c_mask, other=0.0)
+    """One tap of one projection's folded weight, (BLOCK_C,) as float32: contiguous channels, a vector load."""
+    return tl.load(w_ptr + (projection * TAPS + tap) * C + channels, mask=c_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _qkv_conv_bn_kernel(
     q_ptr,  # (B, WITH_CLS + Hq * Wq, C) output, contiguous
     k_ptr,  # (B, WITH_CLS + Hk * Wk, C) output, contiguous
     v_ptr,  # (B, WITH_CLS + Hk * Wk, C) output, contiguous
-    w_ptr,  # (3, KSIZE * KSIZE, C) float32, contiguous: BatchNorm-folded depthwise weights of q, k, v, tap-major
+    w_ptr,  # (3, KSIZE * KSIZE, C) in x's dtype, contiguous: BatchNorm-folded depthwise weights of q, k, v, tap-major
     bias_ptr,  # (3, C) float32, contiguous: BatchNorm-folded shifts of q, k, v
     stride_xb, stride_xt,  # x strides in elements for batch and token
     C, H, W, Hq, Wq, Hk, Wk,
@@ -140,25 +140,19 @@ class ConvConfig(NamedTuple):
     blocks_per_program: int = 1
 
 
-def default_config(
-    n_q: int, n_kv: int, channels: int, batch: int, num_sms: int = 132, interpreter: bool = TRITON_INTERPRET
-) -> ConvConfig:
+def default_config(n_q: int, channels: int, interpreter: bool = TRITON_INTERPRET) -> ConvConfig:
     """The table used when no config is given. On the GPU: 32 positions by 64 channels (a 128-byte line in half
-    precision), one warp per 512 outputs; each program walks through up to 8 position blocks, as many as still
-    leave about eight programs per multiprocessor, so that the weights it holds in registers serve more outputs.
-    Not when k and v keep the full grid (stride 1): their accumulators are then as large as q's, and the registers
-    left cannot hold the weights too. No configuration it picks spills on sm_90 (tests/test_kernels_compile.py);
-    their speed on Hopper is not yet measured."""
+    precision), one warp per 512 outputs, one position block per program (128 registers on sm_90, so four programs
+    per multiprocessor). The compiler reloads the weights on every iteration of the position loop (it cannot prove
+    they do not alias the outputs), so walking through more blocks saves only a program's setup while it raises the
+    registers to 212 and halves the programs resident: the loop stays a tuning choice for the GPU sweep. No
+    configuration picked here spills on sm_90 (tests/test_kernels_compile.py); their speed on Hopper is not yet
+    measured."""
     if interpreter:
         # The interpreter pays per operation, not per element: few, large programs are what makes it fast.
         return ConvConfig(min(256, triton.next_power_of_2(n_q)), min(64, triton.next_power_of_2(channels)), 1, 1)
-    block_q, block_c = 32, min(64, max(16, triton.next_power_of_2(channels)))
-    num_warps = max(1, block_q * block_c // 512)
-    if 2 * n_kv > n_q:
-        return ConvConfig(block_q, block_c, num_warps, 1)
-    programs = triton.cdiv(n_q, block_q) * triton.cdiv(channels, block_c) * batch
-    blocks_per_program = max(1, min(8, programs // (8 * num_sms)))
-    return ConvConfig(block_q, block_c, num_warps, 1 << (blocks_per_program.bit_length() - 1))
+    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    return ConvConfig(32, block_c, max(1, 32 * block_c // 512), 1)
 
 
 def candidate_configs() -> list[ConvConfig]:
@@ -234,9 +228,9 @@ def qkv_conv_bn(
                 raise ValueError(f"out tensors must be contiguous {x.dtype} of shapes {shapes}")
         q, k, v = out
 
-    folded_weight, folded_bias = fold_qkv_for_kernel(weights, bn_params, eps)  # (3, K*K, C), (3, C) float32
+    folded_weight, folded_bias = fold_qkv_for_kernel(weights, bn_params, eps, x.dtype)  # (3, K*K, C), (3, C)
     if config is None:
-        config = default_config(hq * wq, hk * wk, channels, batch, multiprocessor_count(x.device))
+        config = default_config(hq * wq, channels)
     block_kv = kv_block(config.block_q, hq * wq, hk * wk)
     position_blocks = max(triton.cdiv(hq * wq, config.block_q), triton.cdiv(hk * wk, block_kv))
     grid = (triton.cdiv(position_blocks, config.blocks_per_program), triton.cdiv(channels, config.block_c), batch)

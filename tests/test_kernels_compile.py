@@ -149,11 +149,10 @@ def test_conv_projection_moves_vectors(compiled, launch_id):
 
 
 def test_launches_specialise_as_on_a_gpu(compiled):
-    """The compile check sees what a launch builds: at batch 1, `blocks_per_program` == 1 becomes a constant and
-    the position loop disappears, while the same shape at batch 256 keeps it (so the binder really ran on the
-    argument values), and the attention table takes 128-row tiles for a big batch, 64-row ones for batch 1."""
-    small = kernels_of(compiled, "conv-cvt-13/21-224-stage0-bfloat16-b1")
-    large = kernels_of(compiled, "conv-cvt-13/21-224-stage0-bfloat16-b256")
-    assert small["constants"].get("blocks_per_program") == 1 and "blocks_per_program" not in large["constants"]
+    """The compile check sees what a launch builds: `blocks_per_program` == 1 becomes a constant (the position loop
+    disappears) while a sweep candidate with 8 keeps it as an argument, and the attention table takes 128-row tiles
+    for a big batch, 64-row ones for batch 1 (so the binder really ran on the argument values)."""
+    assert kernels_of(compiled, "conv-cvt-13/21-224-stage0-bfloat16-b1")["constants"].get("blocks_per_program") == 1
+    assert "blocks_per_program" not in kernels_of(compiled, "conv-candidate-bfloat16-32x64x4x8")["constants"]
     assert kernels_of(compiled, "attention-cvt-13/21-224-stage0-bfloat16-b256")["constants"]["BLOCK_M"] == 128
     assert kernels_of(compiled, "attention-cvt-13/21-224-stage0-bfloat16-b1")["constants"]["BLOCK_M"] == 64

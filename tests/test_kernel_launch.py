@@ -1,0 +1,87 @@
+"""What the launchers decide around the kernels: the device they launch on, autotuning versus CUDA graph capture,
+how float32 attention runs, and the tables' choices on CvT shapes."""
+
+import pytest
+import torch
+
+from cvt_fast import ops
+from cvt_fast.dispatch import FP32_ATTENTION_VAR
+
+pytest.importorskip("triton")
+from cvt_fast.kernels import attention, conv_projection, launch  # noqa: E402
+
+
+def test_autotuning_is_refused_inside_graph_capture_until_the_shape_is_tuned(monkeypatch):
+    monkeypatch.setattr(attention, "_tuned_keys", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    key = (3136, 784, 64, 256, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="has not been tuned for this shape yet.*run one forward pass"):
+        attention._check_tuned_before_capture(key)
+    capturing[0] = False
+    attention._check_tuned_before_capture(key)  # the first call outside capture tunes
+    capturing[0] = True
+    attention._check_tuned_before_capture(key)  # and capture may follow
+
+
+def test_cpu_tensors_launch_without_switching_devices():
+    assert type(launch.launch_guard(torch.empty(1))).__name__ == "nullcontext"
+    assert launch.multiprocessor_count(torch.device("cpu")) == launch.HOPPER_SMS
+
+
+@pytest.mark.gpu
+def test_kernels_run_on_their_tensors_device_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 128, generator=generator) for n in (50, 13, 13))
+    expected = ops.attention_reference(q.double(), k.double(), v.double(), 2, 128**-0.5)
+    with torch.cuda.device(0):
+        out = attention.flash_attention(*(t.to("cuda:1") for t in (q, k, v)), 2, 128**-0.5)
+    assert out.device == torch.device("cuda:1")
+    assert (out.double().cpu() - expected).abs().max() < 1e-4
+
+
+def run_attention(head_dim, device):
+    q, k, v = (torch.randn(1, n, head_dim, device=device) for n in (9, 4, 4))
+    paths = {}
+    with torch.no_grad():
+        ops.attention(q, k, v, 1, head_dim**-0.5, dropout_p=0.0, training=False, backend="triton", paths=paths)
+    return paths["attention"]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, backend="triton" runs the interpreter
+
+
+def test_float32_attention_runs_the_kernel_unless_given_to_sdpa(monkeypatch):
+    monkeypatch.delenv(FP32_ATTENTION_VAR, raising=False)
+    assert run_attention(64, DEVICE) == "triton"
+    monkeypatch.setenv(FP32_ATTENTION_VAR, "SDPA")
+    assert (
+        run_attention(64, DEVICE)
+        == f"eager: float32 attention is given to scaled_dot_product_attention ({FP32_ATTENTION_VAR}=sdpa)"
+    )
+    monkeypatch.setenv(FP32_ATTENTION_VAR, "fast")
+    with pytest.raises(ValueError, match=f"{FP32_ATTENTION_VAR} is 'fast'; expected one of \\('tf32x3', 'sdpa'\\)"):
+        run_attention(64, DEVICE)
+
+
+def test_float32_attention_beyond_head_dim_64_goes_to_sdpa(monkeypatch):
+    monkeypatch.delenv(FP32_ATTENTION_VAR, raising=False)
+    assert run_attention(96, DEVICE) == "eager: float32 with head_dim 96 > 64: the kernel would spill registers"
+
+
+@pytest.mark.parametrize(
+    "n_q, programs, rows",
+    [(3136, 256, 128), (3136, 1, 64), (784, 768, 128), (197, 1536, 128), (50, 4096, 64), (197, 6, 64)],
+)
+def test_attention_takes_128_row_tiles_with_two_waves_and_little_padding(n_q, programs, rows):
+    config = attention.default_config(n_q, n_q // 4, 64, torch.bfloat16, programs, 132, interpreter=False)
+    assert config.block_m == rows
+
+
+def test_conv_table_fits_its_warps_to_the_tile():
+    assert conv_projection.default_config(3136, 64, interpreter=False) == conv_projection.ConvConfig(32, 64, 4, 1)
+    assert conv_projection.default_config(3136, 40, interpreter=False) == conv_projection.ConvConfig(32, 64, 4, 1)
+    assert conv_projection.default_config(3136, 24, interpreter=False) == conv_projection.ConvConfig(32, 32, 2, 1)
