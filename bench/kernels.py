@@ -1,7 +1,8 @@
-"""Kernel benchmarks on a CUDA GPU: each fused op against the PyTorch it replaces, with its error beside its speed.
+"""Kernel benchmarks: each fused op against the PyTorch it replaces, every speed beside its error and its ceiling.
 
-  python bench/kernels.py --out bench/results            # both ops, float16 and bfloat16, batch 1, 32, 256
-  python bench/kernels.py --ops attention --batches 32   # a subset
+  python bench/kernels.py --out DIR                    # the kernels' own tables against the baselines (CUDA)
+  python bench/kernels.py --sweep --out DIR            # and every candidate block configuration (CUDA)
+  python bench/kernels.py --rehearse --out DIR         # CPU, Triton interpreter, tiny shapes: errors, no times
 
 qkv_projection (CvT-13 and CvT-W24 stage shapes): the fused kernel against the eager sequence transformers runs
 (three depthwise convs, three BatchNorms, three flatten/transposes, three cls concatenations) and against
@@ -10,17 +11,26 @@ written once) as a fraction of the device's measured copy bandwidth.
 
 attention (every CvT-13/21/W24 stage at 224 and 384): the kernel against transformers' einsum path and every
 scaled_dot_product_attention backend that accepts the shape (flash, memory-efficient, cuDNN), each reading and
-writing the (B, N, C) layout the model holds.
+writing the (B, N, C) layout the model holds; achieved FLOP rate (4 * B * heads * Nq * Nk * head_dim) as a
+fraction of the measured bf16 matmul rate. float32 attention (the kernel's tf32x3 dots) is swept against SDPA's.
 
-Times: triton.testing.do_bench medians (CUDA events, after warm-up). Results: JSON records with device and
-versions, and a markdown table. Refuses to run without CUDA (the Triton interpreter's timings mean nothing).
+The sweep times every configuration in each kernel's `candidate_configs()` beside its table's choice
+(`default_config`), so that the tables can be chosen afterwards from the data. Cases run most informative first
+(bfloat16 at batch 256, then batch 1, then float16 and float32); each record is appended to kernels.jsonl as soon
+as it exists and a line printed, so a run stopped at its time budget (--budget-s) keeps everything measured.
+
+Times: triton.testing.do_bench medians (CUDA events, after warm-up); errors: max |kernel - float64 definition|
+over max |definition|, on the first two images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,35 +60,82 @@ ATTENTION_SHAPES = {  # CvT-21 has CvT-13's widths and heads, so the same stage 
         zip((size // 4, size // 8, size // 16), widths, heads_per_stage, strict=True)
     )
 }
+# The rehearsal's shapes: small enough for the interpreter, awkward enough to exercise tails and the cls row.
+REHEARSAL_CONV_SHAPES = {("tiny", 40, 0): (7, 16, 1, False), ("tiny", 40, 2): (5, 24, 1, True)}
+REHEARSAL_ATTENTION_SHAPES = {("tiny", 40, 0): (6, 64, 2, False), ("tiny", 40, 2): (5, 64, 2, True)}
 
 
-def versions() -> dict:
+class Session:
+    """Where records go, how things are timed, the ceilings they are held against, and the time budget."""
+
+    def __init__(self, out: Path | None, rehearse: bool, budget_s: float, quick: bool):
+        self.rehearse = rehearse
+        self.device = "cpu" if rehearse else "cuda"
+        self.deadline = time.monotonic() + budget_s
+        self.quick = quick  # the sweep's shorter timing, many configurations per shape
+        self.jsonl = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = out / "kernels.jsonl"
+            self.jsonl.write_text("")
+        self.versions = versions(self.device)
+        self.copy_bandwidth = None if rehearse else copy_bandwidth()
+        self.matmul_flops = None if rehearse else matmul_rate()
+        self.records: list[dict] = []
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def time_ms(self, fn: Callable) -> float | None:
+        if self.rehearse:  # the interpreter's timings mean nothing
+            return None
+        import triton.testing
+
+        warmup, rep = (5, 25) if self.quick else (25, 200)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    def emit(self, record: dict) -> None:
+        record.update(self.versions, copy_bandwidth_bytes_per_s=self.copy_bandwidth)
+        record["matmul_flops_per_s"] = self.matmul_flops
+        self.records.append(record)
+        if self.jsonl is not None:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        report(record)
+
+
+def versions(device: str) -> dict:
     import triton
 
-    return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-    }
-
-
-def bench_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter: rehearsal)"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
 
 
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy, counting the bytes read and written."""
+    import triton.testing
+
     src = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def matmul_rate() -> float:
+    """FLOP per second of an 8192^3 bfloat16 matrix product on random data."""
+    import triton.testing
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
 
 
 def rel_err(actual, expected) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def short_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 # ---- qkv projection -----------------------------------------------------------------------------------------
@@ -97,10 +154,10 @@ def eager_conv_sequence(x, height, width, with_cls, params):
     return outputs
 
 
-def bench_conv(batch, dtype, shape_key, bandwidth, records):
-    from cvt_fast.kernels import qkv_conv_bn
+def conv_case(session: Session, shape_key, shape, dtype: torch.dtype, batch: int, sweep: bool) -> None:
+    from cvt_fast.kernels.conv_projection import ConvConfig, candidate_configs, default_config, qkv_conv_bn
 
-    grid, channels, _, with_cls = CONV_SHAPES[shape_key]
+    grid, channels, _, with_cls = shape
     generator = torch.Generator().manual_seed(0)
 
     def param(stride):
@@ -111,48 +168,47 @@ def bench_conv(batch, dtype, shape_key, bandwidth, records):
             0.1 * torch.randn(channels, generator=generator),
             0.5 + torch.rand(channels, generator=generator),
         ]
-        return ops.ConvBN(*(t.to("cuda", dtype) for t in tensors), 1e-5, stride, 1)
+        return ops.ConvBN(*(t.to(session.device, dtype) for t in tensors), 1e-5, stride, 1)
 
     params = [param(1), param(2), param(2)]
-    x = torch.randn(batch, int(with_cls) + grid * grid, channels, generator=generator).to("cuda", dtype)
-    reference = ops.qkv_projection_reference(
-        x.double(),
-        grid,
-        grid,
-        with_cls,
-        *[p._replace(**{f: getattr(p, f).double() for f in ops.ConvBN._fields[:5]}) for p in params],
-    )
+    x = torch.randn(batch, int(with_cls) + grid * grid, channels, generator=generator).to(session.device, dtype)
+    sample = slice(0, 2)
+    params64 = [p._replace(**{f: getattr(p, f).double() for f in ops.ConvBN._fields[:5]}) for p in params]
+    reference = eager_conv_sequence(x[sample].double(), grid, grid, with_cls, params64)
     flat = ops.flatten_conv_bn(*params)
-    contenders = {
-        "eager sequence": lambda: eager_conv_sequence(x, grid, grid, with_cls, params),
-        "torch.compile(eager sequence)": torch.compile(lambda: eager_conv_sequence(x, grid, grid, with_cls, params)),
-        "cvt_fast kernel": lambda: qkv_conv_bn(x, grid, grid, with_cls, *flat),
+    contenders: dict[str, tuple[Callable, list | None]] = {
+        "eager sequence": (lambda: eager_conv_sequence(x, grid, grid, with_cls, params), None)
     }
-    moved = x.numel() * x.element_size() + sum(r.numel() for r in reference) * x.element_size()
+    if not session.rehearse:  # inductor on the CPU takes minutes; the rehearsal checks the rest of the path
+        compiled = torch.compile(lambda: eager_conv_sequence(x, grid, grid, with_cls, params), dynamic=False)
+        contenders["torch.compile(eager sequence)"] = (compiled, None)
+    table = default_config(grid * grid, channels, interpreter=session.rehearse)
+    contenders["cvt_fast kernel (table)"] = (lambda: qkv_conv_bn(x, grid, grid, with_cls, *flat), list(table))
+    if sweep:
+        candidates = candidate_configs() if not session.rehearse else [ConvConfig(16, 16, 1, 2)]
+        for config in candidates:
+            run = lambda config=config: qkv_conv_bn(x, grid, grid, with_cls, *flat, config=config)  # noqa: E731
+            contenders["cvt_fast kernel " + "x".join(map(str, config))] = (run, list(config))
+    moved = x.numel() * x.element_size() + sum(
+        batch * r.shape[1] * r.shape[2] * x.element_size() for r in reference
+    )  # fmt: skip
     base = None
-    for name, fn in contenders.items():
-        record = dict(
-            op="qkv_projection",
-            model=shape_key[0],
-            image_size=shape_key[1],
-            stage=shape_key[2],
-            batch=batch,
-            dtype=str(dtype).removeprefix("torch."),
-            implementation=name,
-            **versions(),
-        )
+    for name, (fn, config) in contenders.items():
+        record = dict(op="qkv_projection", model=shape_key[0], image_size=shape_key[1], stage=shape_key[2],
+                      batch=batch, dtype=str(dtype).removeprefix("torch."), implementation=name, config=config,
+                      bytes_moved=moved)  # fmt: skip
         try:
             outputs = fn()
-            record["max_rel_err"] = max(rel_err(o, r) for o, r in zip(outputs, reference, strict=True))
-            record["ms"] = bench_ms(fn)
-            record["bytes_moved"] = moved
-            record["fraction_of_copy_bandwidth"] = moved / (record["ms"] * 1e-3) / bandwidth
-            base = base or record["ms"]
-            record["speedup_vs_eager"] = base / record["ms"]
+            record["max_rel_err"] = max(rel_err(o[sample], r) for o, r in zip(outputs, reference, strict=True))
+            record["ms"] = ms = session.time_ms(fn)
+            if ms is not None:
+                record["bandwidth_bytes_per_s"] = moved / (ms * 1e-3)
+                record["fraction_of_copy_bandwidth"] = record["bandwidth_bytes_per_s"] / session.copy_bandwidth
+                base = base or ms
+                record["speedup_vs_eager"] = base / ms
         except Exception as error:  # out of memory, a compile failure: recorded, not fatal
-            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        records.append(record)
-        report(record)
+            record["error"] = short_error(error)
+        session.emit(record)
 
 
 # ---- attention ----------------------------------------------------------------------------------------------
@@ -179,104 +235,147 @@ def sdpa_with(backend):
     return run
 
 
-def bench_attention(batch, dtype, shape_key, records):
+def attention_case(session: Session, shape_key, shape, dtype: torch.dtype, batch: int, sweep: bool) -> None:
     from torch.nn.attention import SDPBackend
 
-    from cvt_fast.kernels import flash_attention
+    from cvt_fast.kernels.attention import candidate_configs, default_config, flash_attention
+    from cvt_fast.kernels.launch import multiprocessor_count
 
-    grid, channels, heads, with_cls = ATTENTION_SHAPES[shape_key]
+    grid, channels, heads, with_cls = shape
     n_q, n_k = grid * grid + int(with_cls), ((grid + 1) // 2) ** 2 + int(with_cls)
+    head_dim = channels // heads
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, n, channels, generator=generator).to("cuda", dtype) for n in (n_q, n_k, n_k))
+    q, k, v = (torch.randn(batch, n, channels, generator=generator).to(session.device, dtype) for n in (n_q, n_k, n_k))
     scale = channels**-0.5
-    sample = slice(0, min(batch, 4))  # the float64 reference on a few images is enough to measure the error
+    sample = slice(0, 2)
     reference = ops.attention_reference(q[sample].double(), k[sample].double(), v[sample].double(), heads, scale)
-    contenders = {
-        "einsum (transformers)": einsum_attention,
-        "sdpa flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
-        "sdpa memory-efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
-        "sdpa cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
-        "cvt_fast kernel": flash_attention,
+    contenders: dict[str, tuple[Callable, list | None]] = {
+        "einsum (transformers)": (einsum_attention, None),
+        "sdpa flash": (sdpa_with(SDPBackend.FLASH_ATTENTION), None),
+        "sdpa memory-efficient": (sdpa_with(SDPBackend.EFFICIENT_ATTENTION), None),
+        "sdpa cudnn": (sdpa_with(SDPBackend.CUDNN_ATTENTION), None),
+        "sdpa math": (sdpa_with(SDPBackend.MATH), None),
     }
+    programs = batch * heads
+    table = default_config(n_q, n_k, head_dim, dtype, programs, multiprocessor_count(q.device), session.rehearse)
+    contenders["cvt_fast kernel (table)"] = (flash_attention, list(table))
+    if sweep:
+        for config in candidate_configs(dtype) if not session.rehearse else [table._replace(block_n=16)]:
+            run = lambda *a, config=config: flash_attention(*a, config=config)  # noqa: E731
+            contenders["cvt_fast kernel " + "x".join(map(str, config))] = (run, list(config))
+    flops = 4 * batch * heads * n_q * n_k * head_dim
     base = None
-    for name, fn in contenders.items():
+    for name, (fn, config) in contenders.items():
         record = dict(op="attention", model=shape_key[0], image_size=shape_key[1], stage=shape_key[2], batch=batch,
                       n_q=n_q, n_k=n_k, heads=heads, dtype=str(dtype).removeprefix("torch."), implementation=name,
-                      **versions())  # fmt: skip
+                      config=config, flops=flops)  # fmt: skip
         try:
             out = fn(q, k, v, heads, scale)
             record["max_rel_err"] = rel_err(out[sample], reference)
-            record["ms"] = bench_ms(lambda fn=fn: fn(q, k, v, heads, scale))
-            base = base or record["ms"]
-            record["speedup_vs_einsum"] = base / record["ms"]
+            record["ms"] = ms = session.time_ms(lambda fn=fn: fn(q, k, v, heads, scale))
+            if ms is not None:
+                record["flops_per_s"] = flops / (ms * 1e-3)
+                record["fraction_of_matmul_rate"] = record["flops_per_s"] / session.matmul_flops
+                base = base or ms
+                record["speedup_vs_einsum"] = base / ms
         except Exception as error:  # a backend refusing the shape or dtype, out of memory
-            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        records.append(record)
-        report(record)
-        torch.cuda.empty_cache()
+            record["error"] = short_error(error)
+        session.emit(record)
+        if session.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
 
 
-def report(r):
+def report(r: dict) -> None:
     where = f"{r['op']:<14} {r['model']:<9} {r['image_size']} s{r['stage']} b{r['batch']:<3} {r['dtype']:<8}"
     if "error" in r:
-        print(f"{where} {r['implementation']:<30} error: {r['error']}", flush=True)
+        print(f"{where} {r['implementation']:<32} error: {r['error']}", flush=True)
         return
-    extra = f"  {r['fraction_of_copy_bandwidth']:.0%} of copy bandwidth" if "fraction_of_copy_bandwidth" in r else ""
+    err = f"err {r['max_rel_err']:.1e}"
+    if r.get("ms") is None:
+        print(f"{where} {r['implementation']:<32} (not timed: rehearsal)  {err}", flush=True)
+        return
     speedup = r.get("speedup_vs_eager", r.get("speedup_vs_einsum"))
-    print(
-        f"{where} {r['implementation']:<30} {r['ms']:8.3f} ms  {speedup:5.2f}x  err {r['max_rel_err']:.1e}{extra}",
-        flush=True,
-    )
+    ceiling = r.get("fraction_of_copy_bandwidth", r.get("fraction_of_matmul_rate"))
+    of = "copy bandwidth" if "fraction_of_copy_bandwidth" in r else "bf16 matmul rate"
+    print(f"{where} {r['implementation']:<32} {r['ms']:8.3f} ms  {speedup:5.2f}x  {ceiling:6.1%} of {of}  {err}",
+          flush=True)  # fmt: skip
 
 
-def markdown(records) -> str:
-    header = "| op | model | size | stage | batch | dtype | implementation | ms | speed-up | max rel err | note |"
+def markdown(records: list[dict]) -> str:
+    header = "| op | model | size | stage | batch | dtype | implementation | ms | speed-up | of ceiling | max rel err |"
     lines = [header, "|---" * header.count(" | ") + "|---|"]
     for r in records:
         speedup = r.get("speedup_vs_eager", r.get("speedup_vs_einsum"))
-        note = r.get("error", "")
-        if "fraction_of_copy_bandwidth" in r:
-            note = f"{r['fraction_of_copy_bandwidth']:.0%} of copy bandwidth"
+        ceiling = r.get("fraction_of_copy_bandwidth", r.get("fraction_of_matmul_rate"))
         cells = [
             *(r[key] for key in ("op", "model", "image_size", "stage", "batch", "dtype", "implementation")),
-            f"{r['ms']:.3f}" if "ms" in r else "-",
+            f"{r['ms']:.3f}" if r.get("ms") is not None else r.get("error", "-"),
             f"{speedup:.2f}x" if speedup else "-",
+            f"{ceiling:.1%}" if ceiling else "-",
             f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-",
-            note,
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", default=["qkv_projection", "attention"])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=list(DTYPES))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 256])
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kernels.py times CUDA kernels and needs a CUDA device.", file=sys.stderr)
-        return 2
-    records: list[dict] = []
-    bandwidth = copy_bandwidth()
-    print(f"{versions()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+def cases(args) -> list[tuple]:
+    """(op, shape key, shape, dtype, batch, sweep this case), most informative first."""
+    conv_shapes = REHEARSAL_CONV_SHAPES if args.rehearse else CONV_SHAPES
+    attention_shapes = REHEARSAL_ATTENTION_SHAPES if args.rehearse else ATTENTION_SHAPES
+    plan = []
     for dtype_name in args.dtypes:
         for batch in args.batches:
-            if "qkv_projection" in args.ops:
-                for key in CONV_SHAPES:
-                    bench_conv(batch, DTYPES[dtype_name], key, bandwidth, records)
+            # The sweep tries every configuration in bfloat16 (float16 compiles to the same code) and float32
+            # attention (tf32x3 against SDPA); the other cases time the tables' choices against the baselines.
+            sweep = args.sweep and dtype_name in ("bfloat16", "float32")
+            conv_dtype = dtype_name != "float32" or args.rehearse  # float32 projections are not a use case on GPUs
+            if "qkv_projection" in args.ops and conv_dtype:
+                plan += [("qkv_projection", key, shape, dtype_name, batch, sweep) for key, shape in conv_shapes.items()]
             if "attention" in args.ops:
-                for key in ATTENTION_SHAPES:
-                    bench_attention(batch, DTYPES[dtype_name], key, records)
+                plan += [("attention", key, shape, dtype_name, batch, sweep) for key, shape in attention_shapes.items()]
+    return plan
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="+", default=["qkv_projection", "attention"],
+                        choices=["qkv_projection", "attention"])  # fmt: skip
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                        help="default: bfloat16 float16 (with --sweep also float32, for attention)")  # fmt: skip
+    parser.add_argument("--batches", nargs="+", type=int, default=[256, 1])
+    parser.add_argument("--sweep", action="store_true", help="time every candidate block configuration too")
+    parser.add_argument("--rehearse", action="store_true", help="CPU, Triton interpreter, tiny shapes, no timing")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
+    parser.add_argument("--out", type=Path, default=None, help="folder for kernels.jsonl and kernels.md")
+    args = parser.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = ["bfloat16", "float16"] + (["float32"] if args.sweep else [])
+    if any(b < 1 for b in args.batches):
+        parser.error(f"--batches must be positive, got {args.batches}")
+    if args.rehearse:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--rehearse runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 before starting")
+        args.dtypes = [d for d in args.dtypes if d != "bfloat16"] or ["float32"]  # no bfloat16 in the interpreter
+        args.batches = [2]
+    elif not torch.cuda.is_available():
+        print("bench/kernels.py times CUDA kernels and needs a CUDA device (or --rehearse).", file=sys.stderr)
+        return 2
+    session = Session(args.out, args.rehearse, args.budget_s, quick=args.sweep)
+    if session.copy_bandwidth:
+        print(f"{session.versions}  copy bandwidth {session.copy_bandwidth / 1e12:.2f} TB/s (read + write), "
+              f"bf16 matmul {session.matmul_flops / 1e12:.0f} TFLOP/s", flush=True)  # fmt: skip
+    plan = cases(args)
+    for index, (op, key, shape, dtype_name, batch, sweep) in enumerate(plan):
+        if session.time_left() <= 0:
+            print(f"time budget reached: {len(plan) - index} of {len(plan)} cases not run", flush=True)
+            break
+        run_case = conv_case if op == "qkv_projection" else attention_case
+        run_case(session, key, shape, DTYPES[dtype_name], batch, sweep)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        payload = {"copy_bandwidth_bytes_per_s": bandwidth, **versions(), "records": records}
-        (args.out / "kernels.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (args.out / "kernels.md").write_text(markdown(records))
+        (args.out / "kernels.md").write_text(markdown(session.records))
     return 0
 
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU session: everything a lent H100/H200 has to show, in one device call of at most --budget-s seconds.
+#
+#   bash bench/gpu_session.sh                 on the GPU machine (writes under $OUT, else bench/results/latest)
+#   bash bench/gpu_session.sh --rehearse      the same stages on the CPU at tiny sizes, in about a minute (CI runs it)
+#
+# Stages, each with its own share of the budget and a hard timeout (a hang in one leaves the others' results):
+#   install   pip install -e . without dependencies (the GPU machine has torch, triton, transformers, no network)
+#   env       device, driver, versions, SM count, L2; measured copy bandwidth and bf16 matmul rate  -> env.json
+#   tests     every gpu-marked test                                                               -> tests.log
+#   parity    the whole model, backend "triton", against transformers on the device              -> parity.json
+#   kernels   bench/kernels.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl/md
+#   models    cvt-13 224 px bf16, batch 256 and 1, every contender of `cvt-fast bench`        -> models.jsonl
+#   summary   a short table of everything against the targets, last on stdout                 -> summary.md
+# Every stage appends its results as they come; session.log has everything printed. 8 files in all, one folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+REHEARSE=0
+BUDGET=480
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rehearse) REHEARSE=1 ;;
+    --budget-s) BUDGET=${2:?--budget-s needs a number of seconds}; shift ;;
+    *) echo "usage: bash bench/gpu_session.sh [--rehearse] [--budget-s SECONDS]" >&2; exit 2 ;;
+  esac
+  shift
+done
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -lt 60 ]; then
+  echo "gpu_session.sh: --budget-s must be a whole number of seconds, at least 60; got '$BUDGET'" >&2
+  exit 2
+fi
+
+OUT=${OUT:-bench/results/latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+MODE=()
+if [ "$REHEARSE" = 1 ]; then
+  MODE=(--rehearse)
+  export TRITON_INTERPRET=1  # before anything imports triton: the kernels run on CPU tensors
+fi
+: >"$OUT/session.log"
+START=$(date +%s)
+
+log() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$OUT/session.log"; }
+
+# stage NAME SHARE_PERCENT COMMAND...: runs COMMAND with SHARE_PERCENT of the budget as a hard limit.
+stage() {
+  local name=$1 share=$2
+  shift 2
+  local limit=$((BUDGET * share / 100))
+  log "stage $name: up to ${limit}s"
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/session.log"
+  local rc=${PIPESTATUS[0]}
+  local status="ok"
+  [ "$rc" = 124 ] && status="TIMED OUT after ${limit}s"
+  [ "$rc" != 0 ] && [ "$rc" != 124 ] && status="exit status $rc"
+  log "stage $name: $status in $(($(date +%s) - t0))s"
+}
+
+if [ "$REHEARSE" = 0 ]; then
+  log "install"
+  python3 -m pip install --quiet --no-deps --no-build-isolation -e . >>"$OUT/session.log" 2>&1 || log "install failed"
+fi
+stage env 5 python3 bench/gpu_session.py env --out "$OUT" "${MODE[@]}"
+# The tests' own output goes to tests.log whole; session.log keeps the tail.
+stage tests 28 bash -c "python3 -m pytest -q -m gpu tests -p no:cacheprovider >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/tests.log'; exit \$rc"
+stage parity 7 python3 bench/gpu_session.py parity --out "$OUT" "${MODE[@]}"
+KERNELS_LIMIT=$((BUDGET * 30 / 100))
+stage kernels 30 python3 bench/kernels.py --sweep --out "$OUT" --budget-s $((KERNELS_LIMIT - 30)) "${MODE[@]}"
+MODELS_LIMIT=$((BUDGET * 26 / 100))
+stage models 26 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
+log "summary (whole session $(($(date +%s) - START))s)"
+python3 bench/gpu_session.py summary --out "$OUT" 2>&1 | tee -a "$OUT/session.log"
