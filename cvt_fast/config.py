@@ -142,7 +142,7 @@ class CvtConfig:
         if num_labels is not None and num_labels != len(self.id2label):
             raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(self.id2label)} labels")
         if label2id is not None and not isinstance(label2id, dict):
-            raise ConfigError(f"label2id must be a dict of label names to indices, got {_show(label2id)}")
+            raise ConfigError(f"label2id must be a dict of label names to indices, got {describe_value(label2id)}")
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
 
         # Keys without a meaning here (architectures, dtype, transformers_version, ...) are kept verbatim.
@@ -183,20 +183,22 @@ class CvtConfig:
         stages = self._check_stage_count()
         for stage in range(stages):
             self._check_stage(stage)
-        _check_integer("num_channels", self.num_channels, 1)
-        _check_number("initializer_range", self.initializer_range, above=0.0)  # the std of the initial weights
+        check_integer("num_channels", self.num_channels, 1)
+        check_number("initializer_range", self.initializer_range, above=0.0)  # the std of the initial weights
         # Only its type: transformers' CvT never reads layer_norm_eps (every LayerNorm uses 1e-5), so any number
         # it holds is kept for config.json and harms nothing.
-        _check_number("layer_norm_eps", self.layer_norm_eps)
+        check_number("layer_norm_eps", self.layer_norm_eps)
         if not isinstance(self.id2label, dict) or not all(_is_integer(key) for key in self.id2label):
-            raise ConfigError(f"id2label must be a dict of class indices to label names, got {_show(self.id2label)}")
+            raise ConfigError(
+                f"id2label must be a dict of class indices to label names, got {describe_value(self.id2label)}"
+            )
         if not isinstance(self.label2id, dict):
-            raise ConfigError(f"label2id must be a dict of label names to indices, got {_show(self.label2id)}")
+            raise ConfigError(f"label2id must be a dict of label names to indices, got {describe_value(self.label2id)}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
         for name in ("output_hidden_states", "return_dict"):
             if getattr(self, name) not in (True, False):  # 0 and 1 pass too, as transformers takes them
-                raise ConfigError(f"{name} must be true or false, got {_show(getattr(self, name))}")
+                raise ConfigError(f"{name} must be true or false, got {describe_value(getattr(self, name))}")
 
     def _check_stage_count(self) -> int:
         for name in STAGE_PARAMETERS:  # also after attribute assignment, which bypasses _stage_list
@@ -219,14 +221,16 @@ class CvtConfig:
             return f"stage {stage}: {name}"
 
         for name, minimum in STAGE_INTEGER_MINIMUM.items():
-            _check_integer(where(name), getattr(self, name)[stage], minimum)
+            check_integer(where(name), getattr(self, name)[stage], minimum)
         for name, upper_bound in STAGE_RATES.items():
-            _check_number(where(name), getattr(self, name)[stage], at_least=0.0, **upper_bound)
+            check_number(where(name), getattr(self, name)[stage], at_least=0.0, **upper_bound)
         # A ratio small enough to leave int(embed_dim * mlp_ratio) = 0 hidden units still runs, in transformers too.
-        _check_number(where("mlp_ratio"), self.mlp_ratio[stage], at_least=0.0)
+        check_number(where("mlp_ratio"), self.mlp_ratio[stage], at_least=0.0)
         for name in STAGE_FLAGS:
             if not isinstance(getattr(self, name)[stage], bool):
-                raise ConfigError(f"{where(name)} must be true or false, got {_show(getattr(self, name)[stage])}")
+                raise ConfigError(
+                    f"{where(name)} must be true or false, got {describe_value(getattr(self, name)[stage])}"
+                )
         self._check_attention(stage)
 
     def _check_attention(self, stage: int) -> None:
@@ -236,7 +240,7 @@ class CvtConfig:
         method = self.qkv_projection_method[stage]
         if method not in PROJECTION_METHODS:
             raise ConfigError(
-                f"stage {stage}: qkv_projection_method {_show(method)} is not one of {PROJECTION_METHODS}"
+                f"stage {stage}: qkv_projection_method {describe_value(method)} is not one of {PROJECTION_METHODS}"
             )
         kernel, stride_q, padding_q = self.kernel_qkv[stage], self.stride_q[stage], self.padding_q[stage]
         if method == "dw_bn" and (stride_q != 1 or 2 * padding_q != kernel - 1):
@@ -281,7 +285,7 @@ class CvtConfig:
         """Build from a config.json dict, then apply `overrides` as attribute assignments, as transformers does (so
         num_labels=10 replaces a checkpoint's 1000 labels instead of contradicting them)."""
         if not isinstance(data, dict):
-            raise ConfigError(f"a CvT config is a dict (a JSON object) of parameters, got {_show(data)}")
+            raise ConfigError(f"a CvT config is a dict (a JSON object) of parameters, got {describe_value(data)}")
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ConfigError(f"this is a config for model_type {model_type!r}, not a CvT ('cvt') config")
@@ -362,7 +366,7 @@ def read_json_object(path: str | os.PathLike, error: type[Exception]) -> dict[st
     except RecursionError:
         raise error(f"{path}: is JSON nested too deeply to be a config") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object ({{...}}), got {_show(data)}")
+        raise error(f"{path}: expected a JSON object ({{...}}), got {describe_value(data)}")
     return data
 
 
@@ -382,7 +386,7 @@ def replacing(path: Path) -> Iterator[Path]:
 # ---- field checks -------------------------------------------------------------------------------------------
 
 
-def _show(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A value as a message shows it: its type (which is often the mistake) and a bounded repr."""
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
@@ -394,18 +398,18 @@ def _is_integer(value: Any) -> bool:
 
 def _stage_list(name: str, value: Any) -> list:
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name} must be a list with one entry per stage, got {_show(value)}")
+        raise ConfigError(f"{name} must be a list with one entry per stage, got {describe_value(value)}")
     return list(value)
 
 
-def _check_integer(name: str, value: Any, minimum: int) -> None:
+def check_integer(name: str, value: Any, minimum: int) -> None:
     if not _is_integer(value):
-        raise ConfigError(f"{name} must be an integer, got {_show(value)}")
+        raise ConfigError(f"{name} must be an integer, got {describe_value(value)}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
 
 
-def _check_number(
+def check_number(
     name: str,
     value: Any,
     *,
@@ -416,7 +420,7 @@ def _check_number(
 ) -> None:
     """A finite real number (an int will do), within the given bounds."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {_show(value)}")
+        raise ConfigError(f"{name} must be a number, got {describe_value(value)}")
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
     if at_least is not None and value < at_least:
@@ -430,22 +434,22 @@ def _check_number(
 
 
 def _default_labels(count: Any) -> dict[int, str]:
-    _check_integer("num_labels", count, 0)
+    check_integer("num_labels", count, 0)
     return {i: f"LABEL_{i}" for i in range(count)}
 
 
 def _label_names(id2label: Any) -> dict[int, Any]:
     """{index: name} from a dict whose keys are indices, as ints or (config.json) strings of ints."""
     if not isinstance(id2label, dict):
-        raise ConfigError(f"id2label must be a dict of class indices to label names, got {_show(id2label)}")
+        raise ConfigError(f"id2label must be a dict of class indices to label names, got {describe_value(id2label)}")
     labels = {}
     for key, name in id2label.items():
         try:
             index = int(key)
         except (TypeError, ValueError):
-            raise ConfigError(f"id2label keys must be class indices (integers), got {_show(key)}") from None
+            raise ConfigError(f"id2label keys must be class indices (integers), got {describe_value(key)}") from None
         if isinstance(name, bool) or not isinstance(name, (str, int, float)):
-            raise ConfigError(f"id2label[{index}] must be a label name (a string), got {_show(name)}")
+            raise ConfigError(f"id2label[{index}] must be a label name (a string), got {describe_value(name)}")
         labels[index] = name
     return labels
 
