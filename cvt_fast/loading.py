@@ -82,7 +82,7 @@ def _download(repo_id: str, allow_patterns: list[str], hub_kwargs: dict) -> Path
     except Exception as error:  # whatever the Hub or the network answered, the name reached no checkpoint
         raise CheckpointNotFoundError(
             f"{repo_id!r} is not a checkpoint directory (there is no folder {Path(repo_id).absolute()}) and could not "
-            f"be fetched from the Hugging Face Hub either ({_one_line(error)})"
+            f"be fetched from the Hugging Face Hub either ({one_line(error)})"
         ) from error
 
 
@@ -143,7 +143,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file), device="cpu")
     except Exception as error:  # whatever safetensors raises about this file, it is the file's fault
         raise CheckpointError(
-            f"{file}: not a readable safetensors file ({_one_line(error)}); is it truncated or corrupt?"
+            f"{file}: not a readable safetensors file ({one_line(error)}); is it truncated or corrupt?"
         ) from None
 
 
@@ -159,7 +159,7 @@ def _read_pickle(file: Path) -> Any:
 def _pickle_refusal(file: Path, error: Exception) -> str:
     text = str(error)
     if "WeightsUnpickler error:" in text:
-        detail = _one_line(text.split("WeightsUnpickler error:", 1)[1], first_sentence=True)
+        detail = one_line(text.split("WeightsUnpickler error:", 1)[1], first_sentence=True)
         if "global" in detail.lower():
             return (
                 f"{file}: refused, it holds Python objects and not only tensors ({detail}); cvt_fast reads .bin "
@@ -168,7 +168,7 @@ def _pickle_refusal(file: Path, error: Exception) -> str:
         return f"{file}: not a PyTorch checkpoint of tensors ({detail})"
     if isinstance(error, EOFError):
         return f"{file}: empty, or it ends too early (truncated?)"
-    return f"{file}: not a readable PyTorch checkpoint ({_one_line(error, first_sentence=True)}); is it truncated?"
+    return f"{file}: not a readable PyTorch checkpoint ({one_line(error, first_sentence=True)}); is it truncated?"
 
 
 def _check_tensors(file: Path, data: Any) -> None:
@@ -184,7 +184,7 @@ def _check_tensors(file: Path, data: Any) -> None:
             raise CheckpointError(f"{file}: {key} is {value.dtype}, expected floating-point weights")
 
 
-def _one_line(error: Exception | str, first_sentence: bool = False, limit: int = 200) -> str:
+def one_line(error: Exception | str, first_sentence: bool = False, limit: int = 200) -> str:
     """An exception's message on one line, without terminal colour codes, bounded in length."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
     if first_sentence:
@@ -376,7 +376,7 @@ def save_pretrained(model, directory: str | os.PathLike, safe_serialization: boo
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CheckpointWriteError(f"{directory}: cannot be made a checkpoint folder ({_one_line(error)})") from error
+        raise CheckpointWriteError(f"{directory}: cannot be made a checkpoint folder ({one_line(error)})") from error
     config = model.config.copy()
     config.extra["architectures"] = [type(model).__name__]
     config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
@@ -388,7 +388,7 @@ def save_pretrained(model, directory: str | os.PathLike, safe_serialization: boo
             config_file.write_text(config.to_json_string(), encoding="utf-8")
     except OSError as error:
         raise CheckpointWriteError(
-            f"cannot save a checkpoint in {directory} ({_one_line(error)}); what the folder held is left as it was"
+            f"cannot save a checkpoint in {directory} ({one_line(error)}); what the folder held is left as it was"
         ) from error
     _remove_stale_weights(directory, keep=weights)
 
