@@ -158,17 +158,22 @@ def _read_pickle(file: Path) -> Any:
 
 def _pickle_refusal(file: Path, error: Exception) -> str:
     text = str(error)
-    if "WeightsUnpickler error:" in text:
-        detail = one_line(text.split("WeightsUnpickler error:", 1)[1], first_sentence=True)
-        if "global" in detail.lower():
-            return (
-                f"{file}: refused, it holds Python objects and not only tensors ({detail}); cvt_fast reads .bin "
-                "checkpoints with torch.load(weights_only=True), which never runs code from a file"
-            )
-        return f"{file}: not a PyTorch checkpoint of tensors ({detail})"
-    if isinstance(error, EOFError):
-        return f"{file}: empty, or it ends too early (truncated?)"
-    return f"{file}: not a readable PyTorch checkpoint ({one_line(error, first_sentence=True)}); is it truncated?"
+    detail = one_line(text.split("WeightsUnpickler error:", 1)[-1], first_sentence=True)
+    if "WeightsUnpickler error:" in text and "global" in detail.lower():
+        return (
+            f"{file}: refused, it holds Python objects and not only tensors ({detail}); cvt_fast reads .bin "
+            "checkpoints with torch.load(weights_only=True), which never runs code from a file"
+        )
+    with open(file, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return f"{file}: empty, so not a PyTorch checkpoint"
+    if head == b"PK":  # torch.save writes a zip archive
+        return f"{file}: a damaged zip archive, not a readable PyTorch checkpoint ({detail}); is it truncated?"
+    return (
+        f"{file}: not a PyTorch checkpoint of tensors, neither a zip archive (what torch.save writes) nor a pickle "
+        f"of tensors ({detail})"
+    )
 
 
 def _check_tensors(file: Path, data: Any) -> None:
