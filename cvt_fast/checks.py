@@ -18,10 +18,12 @@ def check_device(device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a device name (expected e.g. 'cpu', 'cuda' or 'cuda:1')") from None
+    if resolved.type == "meta":
+        raise ValueError(f"device {device!r} holds no data: a model moved there loses its weights")
     try:
         torch.empty(0, device=resolved)
-    except (RuntimeError, AssertionError) as error:  # a torch built without CUDA raises AssertionError
-        reason = " ".join(str(error).split()).split(". ")[0]
+    except Exception as error:  # by backend: RuntimeError, AssertionError (no CUDA build), ModuleNotFoundError, ...
+        reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
         raise ValueError(f"device {device!r} is not available on this machine ({reason})") from None
     return resolved
 
