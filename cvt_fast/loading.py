@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     tensors = _read_safetensors(file) if file.suffix == ".safetensors" else _read_pickle(file)
     _check_tensors(file, tensors)
-    return tensors
+    # A step counter is int64 in the model: load_state_dict would copy another dtype into it, but assign=True (used
+    # to skip initialisation) keeps the checkpoint's, and a bool one would then fail at the first training step.
+    return {k: v.to(torch.int64) if k.endswith(OPTIONAL_SUFFIXES) else v for k, v in tensors.items()}
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -150,7 +153,9 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 def _read_pickle(file: Path) -> Any:
     # Read into memory, not mmap: the model must not depend on a file save_pretrained may overwrite.
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file's first byte read as a protocol: the refusal says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever torch raises about this file (corrupt, truncated, refused), it is the file's
         # fault; `from None` keeps torch's advice to unpickle untrusted code out of the traceback as well.
         raise CheckpointError(_pickle_refusal(file, error)) from None
@@ -185,7 +190,10 @@ def _check_tensors(file: Path, data: Any) -> None:
             raise CheckpointError(f"{file}: entry {key!r} is {type(value).__name__}, expected a tensor")
         if value.is_meta or value.layout != torch.strided:
             raise CheckpointError(f"{file}: {key} is not a dense tensor with data ({value.layout}, {value.device})")
-        if not value.is_floating_point() and not key.endswith(OPTIONAL_SUFFIXES):
+        if key.endswith(OPTIONAL_SUFFIXES):
+            if value.is_complex():
+                raise CheckpointError(f"{file}: {key} is {value.dtype}, expected an integer step counter")
+        elif not value.is_floating_point():
             raise CheckpointError(f"{file}: {key} is {value.dtype}, expected floating-point weights")
 
 

@@ -456,3 +456,16 @@ def test_a_save_removes_the_shards_of_an_earlier_sharded_checkpoint(tmp_path, hf
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     assert outputs_agree(CvtForImageClassification.from_pretrained(tmp_path), hf_classifier)
+
+
+def test_a_damaged_bin_adds_no_warning_to_its_refusal(saved):
+    """torch warns about the 'pickle protocol' a damaged file's first bytes spell: noise beside the one line."""
+    import warnings
+
+    directory, _ = saved
+    (directory / "model.safetensors").unlink()
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\xd3 damaged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint of tensors"):
+            CvtForImageClassification.from_pretrained(directory)
