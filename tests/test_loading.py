@@ -465,7 +465,23 @@ def test_a_damaged_bin_adds_no_warning_to_its_refusal(saved):
     directory, _ = saved
     (directory / "model.safetensors").unlink()
     (directory / "pytorch_model.bin").write_bytes(b"\x80\xd3 damaged")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with pytest.raises(CheckpointError, match="not a PyTorch checkpoint of tensors"):
             CvtForImageClassification.from_pretrained(directory)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.float32])
+def test_step_counters_of_another_dtype_load_as_the_models_int64(saved, dtype):
+    """As load_state_dict's copy would: a bool counter kept as is would fail at the first training step."""
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = saved
+    weights = load_file(str(directory / "model.safetensors"))
+    counters = [k for k in weights if k.endswith("num_batches_tracked")]
+    weights = {k: v.to(dtype) if k in counters else v for k, v in weights.items()}
+    save_file(weights, str(directory / "model.safetensors"))
+    model = CvtForImageClassification.from_pretrained(directory)
+    assert {model.state_dict()[k].dtype for k in counters} == {torch.int64}
+    model.train()(torch.randn(2, 3, 48, 40)).logits.sum().backward()
