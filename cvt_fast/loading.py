@@ -169,8 +169,11 @@ def _pickle_refusal(file: Path, error: Exception) -> str:
             f"{file}: refused, it holds Python objects and not only tensors ({detail}); cvt_fast reads .bin "
             "checkpoints with torch.load(weights_only=True), which never runs code from a file"
         )
-    with open(file, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(file, "rb") as f:
+            head = f.read(2)
+    except OSError as reason:
+        return f"{file}: cannot be read ({reason.strerror or reason})"
     if not head:
         return f"{file}: empty, so not a PyTorch checkpoint"
     if head == b"PK":  # torch.save writes a zip archive
