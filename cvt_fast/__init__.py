@@ -2,30 +2,96 @@
 
 from cvt_fast import CvtForImageClassification
 model = CvtForImageClassification.from_pretrained("path/to/checkpoint")   # or a hub id
+
+The names below are imported on first use, so that `import cvt_fast.cli` (and `cvt-fast --help`) does not pay for
+torch's import.
 """
 
-from .config import PRESETS, CvtConfig, preset
-from .dispatch import KernelUnavailableError
-from .loading import CheckpointError
-from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
-from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
-from .patching import from_transformers, patch, unpatch
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_EXPORTS = {
+    "PRESETS": ".config",
+    "ConfigError": ".config",
+    "CvtConfig": ".config",
+    "preset": ".config",
+    "KernelUnavailableError": ".dispatch",
+    "CheckpointError": ".loading",
+    "CheckpointNotFoundError": ".loading",
+    "CheckpointWriteError": ".loading",
+    "CvtForImageClassification": ".modeling",
+    "CvtModel": ".modeling",
+    "CvtPreTrainedModel": ".modeling",
+    "kernel_paths": ".modeling",
+    "BaseModelOutputWithCLSToken": ".outputs",
+    "ImageClassifierOutputWithNoAttention": ".outputs",
+    "from_transformers": ".patching",
+    "patch": ".patching",
+    "unpatch": ".patching",
+}
+
 __all__ = [
-    "PRESETS",
     "BaseModelOutputWithCLSToken",
     "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "ConfigError",
     "CvtConfig",
     "CvtForImageClassification",
     "CvtModel",
     "CvtPreTrainedModel",
     "ImageClassifierOutputWithNoAttention",
     "KernelUnavailableError",
+    "PRESETS",
     "from_transformers",
     "kernel_paths",
     "patch",
     "preset",
     "unpatch",
 ]
+
+
+# `import cvt_fast` then `cvt_fast.ops.clear_fold_cache()` worked when this file imported everything: still does.
+_SUBMODULES = (
+    "benchmark",
+    "checks",
+    "cli",
+    "config",
+    "dispatch",
+    "image_processing",
+    "kernels",
+    "loading",
+    "modeling",
+    "ops",
+    "outputs",
+    "patching",
+    "testing",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cvt_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # the same names, imported eagerly, for type checkers and editors
+    from .config import PRESETS, ConfigError, CvtConfig, preset
+    from .dispatch import KernelUnavailableError
+    from .loading import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+    from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
+    from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
+    from .patching import from_transformers, patch, unpatch

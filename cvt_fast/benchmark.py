@@ -153,7 +153,7 @@ L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
 
 def _input_sets(x: torch.Tensor) -> list[torch.Tensor]:
     """Several input batches to rotate through when they would all sit in L2, so that no timed call finds its
-    input already cached by the previous one (DESIGN.md)."""
+    input already cached by the previous one."""
     sets = 4 if x.is_cuda and 4 * x.numel() * x.element_size() <= L2_BYTES else 1
     return [x] + [torch.randn_like(x) for _ in range(sets - 1)]
 
@@ -316,18 +316,34 @@ def plot(records: list[Record], path: Path) -> bool:
     return True
 
 
-def _progress_printer(total: int) -> Callable[[str], None]:
-    """One self-overwriting status line on a terminal; nothing in a log file."""
+def _progress_printer(total: int, stream=None) -> Callable[[str], None]:
+    """One self-overwriting status line on a terminal; elsewhere (a log file, a pipe, CI) one plain line per step
+    with the time so far, so that a long run shows in its log where it is."""
+    stream = stream if stream is not None else sys.stderr
     state = {"case": 0}
-    live = sys.stderr.isatty()
+    live = stream.isatty()
+    start = time.monotonic()
 
     def progress(message: str) -> None:
         if live:
-            print(f"\r\033[K[{state['case']}/{total}] {message}", end="", file=sys.stderr, flush=True)
+            print(f"\r\033[K[{state['case']}/{total}] {message}", end="", file=stream, flush=True)
+        else:
+            print(f"[{state['case']}/{total}, {time.monotonic() - start:.0f}s] {message}", file=stream, flush=True)
 
     progress.state = state  # type: ignore[attr-defined]
-    progress.clear = lambda: live and print("\r\033[K", end="", file=sys.stderr)  # type: ignore[attr-defined]
+    progress.clear = lambda: live and print("\r\033[K", end="", file=stream)  # type: ignore[attr-defined]
     return progress
+
+
+def write_results(records: list[Record], out_dir: Path) -> list[Path]:
+    """bench.json, bench.md and (with matplotlib) bench.png in out_dir; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
+    (out_dir / "bench.md").write_text(markdown_table(records))
+    written = [out_dir / "bench.json", out_dir / "bench.md"]
+    if plot(records, out_dir / "bench.png"):
+        written.append(out_dir / "bench.png")
+    return written
 
 
 def run(
@@ -342,6 +358,9 @@ def run(
 ) -> list[Record]:
     from .dispatch import TRITON_INTERPRET
 
+    unknown = [name for name in implementations if name not in IMPLEMENTATIONS]
+    if unknown:  # an unknown name would otherwise be timed as cvt_fast with the Triton backend
+        raise ValueError(f"unknown implementations {unknown}; expected some of {IMPLEMENTATIONS}")
     if TRITON_INTERPRET and any("triton" in name for name in implementations):
         raise BenchmarkRefused(
             "TRITON_INTERPRET=1 is set: timings of kernels under the Triton interpreter mean nothing"
@@ -367,8 +386,8 @@ def run(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
-        (out_dir / "bench.md").write_text(markdown_table(records))
-        plot(records, out_dir / "bench.png")
+        written = write_results(records, out_dir)
+        print(f"results written to {', '.join(map(str, written))}")
+        if out_dir / "bench.png" not in written:
+            print(f"no {out_dir / 'bench.png'}: the plot needs matplotlib (pip install matplotlib)")
     return records

@@ -12,6 +12,22 @@ from .config import CvtConfig
 from .ops import conv_output_size
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device that this machine has, or a ValueError that says why not."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name (expected e.g. 'cpu', 'cuda' or 'cuda:1')") from None
+    if resolved.type == "meta":
+        raise ValueError(f"device {device!r} holds no data: a model moved there loses its weights")
+    try:
+        torch.empty(0, device=resolved)
+    except Exception as error:  # by backend: RuntimeError, AssertionError (no CUDA build), ModuleNotFoundError, ...
+        reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
+        raise ValueError(f"device {device!r} is not available on this machine ({reason})") from None
+    return resolved
+
+
 def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -> None:
     if pixel_values is None:
         raise ValueError("You have to specify pixel_values")
@@ -41,15 +57,7 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
         )
     if batch == 0:
         raise ValueError("pixel_values has batch size 0")
-    # Deliberately stricter than transformers (which runs e.g. 15x15 on CvT-13): below one last-stage token's worth
-    # of pixels per side, every last-stage token is mostly padding.
-    smallest = config.total_stride
-    if height < smallest or width < smallest:
-        raise ValueError(
-            f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
-            f"least {smallest} (the product of patch_stride {config.patch_stride[: config.num_stages]})"
-        )
-    _check_every_conv_has_output(config, height, width)
+    check_image_size(config, height, width)
     weight = first_conv.weight
     if pixel_values.device != weight.device and weight.device.type != "meta":
         raise ValueError(
@@ -61,6 +69,19 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
             f"pixel_values is {pixel_values.dtype} but the model's weights are {weight.dtype}; cast the input "
             f"(pixel_values.to({weight.dtype})) or the model, or run under torch.autocast"
         )
+
+
+def check_image_size(config: CvtConfig, height: int, width: int) -> None:
+    """A ValueError unless images of height x width pixels make sense for this model (and so can run through it)."""
+    # Deliberately stricter than transformers (which runs e.g. 15x15 on CvT-13): below one last-stage token's worth
+    # of pixels per side, every last-stage token is mostly padding.
+    smallest = config.total_stride
+    if height < smallest or width < smallest:
+        raise ValueError(
+            f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
+            f"least {smallest} (the product of patch_stride {config.patch_stride[: config.num_stages]})"
+        )
+    _check_every_conv_has_output(config, height, width)
 
 
 def _check_every_conv_has_output(config: CvtConfig, height: int, width: int) -> None:

@@ -1,6 +1,9 @@
 """Command line: `cvt-fast classify` (top labels for local images) and `cvt-fast bench` (throughput + errors).
 
-Also reachable as `python -m cvt_fast`.
+Also reachable as `python -m cvt_fast`. A failure the user can cause (an argument, an image, a checkpoint or a config
+file) ends in one line per problem, `cvt-fast <command>: ...`, naming what is wrong and what was expected, and exit
+status 2; a traceback means a bug in cvt_fast. torch is imported only once the arguments parse, so that `--help`
+and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -9,37 +12,82 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import PRESETS
 
-def _classify(args: argparse.Namespace) -> int:
+
+class Refusal(Exception):
+    """A problem the user can fix: each line names the argument or file, and what was expected."""
+
+    def __init__(self, *lines: str):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse's own report is the whole usage block, then the message: one line says it, and where to look.
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+# ---- checks shared by the commands --------------------------------------------------------------------------
+
+
+def _device(name: str | None):
+    """--device as a torch.device this machine has (default: CUDA when there is one)."""
     import torch
 
-    from .image_processing import PREPROCESSOR_NAME, CvtImageProcessor
-    from .modeling import CvtForImageClassification
+    from .checks import check_device
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return check_device(name)
+    except ValueError as error:
+        raise Refusal(f"argument --device: {error}") from None
+
+
+def _check_backend(backend: str | None) -> None:
+    """--backend is checked by argparse; without it, CVT_FAST_BACKEND from the environment decides."""
+    from .dispatch import resolve_backend
 
     try:
-        from PIL import Image
-    except ImportError:
-        print("cvt-fast classify needs Pillow: pip install pillow", file=sys.stderr)
-        return 2
-    from .loading import resolve_checkpoint_dir
+        resolve_backend(backend)
+    except ValueError as error:
+        raise Refusal(str(error)) from None
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+# ---- classify -----------------------------------------------------------------------------------------------
+
+
+def _classify(args: argparse.Namespace) -> int:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise Refusal("needs Pillow: pip install pillow") from None
+    import torch
+
+    from .loading import resolve_checkpoint_dir
+    from .modeling import CvtForImageClassification
+
+    device = _device(args.device)
+    _check_backend(args.backend)
     checkpoint = resolve_checkpoint_dir(args.model)  # a local folder, or the hub snapshot of an id
+    images = _read_images(args.images, _processor(checkpoint, args.model))  # all of them, before the model loads
     model = CvtForImageClassification.from_pretrained(checkpoint, backend=args.backend, device=device)
-    if (checkpoint / PREPROCESSOR_NAME).is_file():
-        processor = CvtImageProcessor.from_pretrained(checkpoint)
-    else:
-        processor = CvtImageProcessor()
-        print(f"note: {args.model} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)")
-    for path in args.images:
-        try:
-            image = Image.open(path)
-        except (OSError, ValueError) as error:
-            print(f"{path}: cannot read the image ({error})", file=sys.stderr)
-            return 1
-        pixel_values = processor(image)["pixel_values"].to(model.device)
+    _check_image_sizes(images, model.config)
+    for path, pixel_values in images:
         with torch.inference_mode():
-            probabilities = model(pixel_values).logits.float().softmax(-1)[0]
+            probabilities = model(pixel_values.to(model.device)).logits.float().softmax(-1)[0]
         top = probabilities.topk(min(args.top_k, probabilities.numel()))
         print(path)
         for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
@@ -47,52 +95,155 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    import torch
+def _processor(checkpoint: Path, name: str):
+    from .image_processing import PREPROCESSOR_NAME, CvtImageProcessor
 
-    from .benchmark import IMPLEMENTATIONS, run
+    if (checkpoint / PREPROCESSOR_NAME).is_file():
+        return CvtImageProcessor.from_pretrained(checkpoint)
+    print(f"note: {name} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)", file=sys.stderr)
+    return CvtImageProcessor()
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        print("cvt-fast bench: --device cuda, but this machine has no CUDA device", file=sys.stderr)
-        return 2
+
+def _read_images(paths: list[str], processor) -> list[tuple[str, object]]:
+    """(path, pixel values) for every image; if any cannot be read, a refusal that names each of those."""
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append((path, _read_image(path, processor)))
+        except Refusal as refusal:
+            problems.extend(refusal.lines)
+    if problems:
+        raise Refusal(*problems)
+    return images
+
+
+def _read_image(path: str, processor):
+    from PIL import Image, UnidentifiedImageError
+
+    from .loading import one_line
+
     try:
-        import transformers  # noqa: F401
+        with Image.open(path) as image:
+            return processor(image)["pixel_values"]
+    except FileNotFoundError:
+        reason = "no such file"
+    except IsADirectoryError:
+        reason = "a folder, not an image file"
+    except PermissionError:
+        reason = "not readable (permission denied)"
+    except UnidentifiedImageError:
+        reason = "not an image file (Pillow does not recognise its format)"
+    except Image.DecompressionBombError as error:
+        reason = f"too many pixels to decode safely ({one_line(error)})"
+    except (OSError, ValueError, EOFError, SyntaxError) as error:  # what Pillow's decoders raise on a damaged file
+        reason = f"cannot be decoded ({one_line(error)}); is it truncated or damaged?"
+    raise Refusal(f"{path}: {reason}")
 
-        have_transformers = True
-    except ImportError:
-        have_transformers = False
-    if args.implementations:
-        implementations = args.implementations
-    elif on_gpu:
-        implementations = list(IMPLEMENTATIONS)
-    else:  # the short CPU run: the eager paths (Triton kernels need CUDA; compile is for the GPU run)
-        implementations = ["transformers-eager", "cvt_fast-eager"]
-    if not have_transformers:
-        dropped = [i for i in implementations if i.startswith("transformers")]
-        implementations = [i for i in implementations if not i.startswith("transformers")]
-        if dropped:
-            print(f"note: transformers is not installed; skipping {', '.join(dropped)} (pip install transformers)")
+
+def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
+    """The processed images must suit the model (a preprocessor_config.json may resize them to anything)."""
+    from .checks import check_image_size
+
+    problems = []
+    for path, pixel_values in images:
+        try:
+            check_image_size(config, *pixel_values.shape[-2:])
+        except ValueError as error:
+            problems.append(f"{path}: after preprocessing, {error}")
+    if problems:
+        raise Refusal(*problems)
+
+
+# ---- bench --------------------------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import run
+
+    device = _device(args.device)
+    on_gpu = device.type == "cuda"
+    implementations = _implementations(args.implementations, device)
     models = args.models or (["cvt-13", "cvt-21", "cvt-w24"] if on_gpu else ["cvt-13"])
     sizes = args.sizes or ([224, 384] if on_gpu else [224])
+    _check_models(models, sizes)
     batches = args.batches or ([1, 8, 64, 256] if on_gpu else [1, 8])
     # On a GPU the full matrix in every dtype would not fit one sitting: bfloat16 by default, --dtypes for more.
     dtypes = args.dtypes or (["bfloat16"] if on_gpu else ["float32"])
+    if args.out is not None:  # now, not after a run of many minutes
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise Refusal(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
     records = run(models, sizes, batches, dtypes, implementations, device, args.rounds, args.out)
+    _print_ratios(records)
+    return 0
 
+
+def _implementations(requested: list[str] | None, device) -> list[str]:
+    import importlib.util
+
+    from .benchmark import IMPLEMENTATIONS
+    from .dispatch import TRITON_INTERPRET
+
+    if requested:
+        unknown = [name for name in requested if name not in IMPLEMENTATIONS]
+        if unknown:
+            raise Refusal(
+                f"argument --implementations: unknown {', '.join(map(repr, unknown))}; "
+                f"the implementations are {', '.join(IMPLEMENTATIONS)}"
+            )
+        chosen = list(dict.fromkeys(requested))
+    elif device.type == "cuda":
+        chosen = list(IMPLEMENTATIONS)
+    else:  # the short CPU run: the eager paths (Triton kernels need CUDA; compile is for the GPU run)
+        chosen = ["transformers-eager", "cvt_fast-eager"]
+    kernel_users = [name for name in chosen if "triton" in name]
+    if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
+        raise Refusal(
+            f"argument --implementations: {', '.join(kernel_users)} run(s) the Triton kernels, which need a CUDA "
+            f"device (--device is {device})"
+        )
+    if importlib.util.find_spec("transformers") is None:
+        dropped = [name for name in chosen if name.startswith("transformers")]
+        chosen = [name for name in chosen if not name.startswith("transformers")]
+        if not chosen:
+            raise Refusal(f"{', '.join(dropped)}: needs transformers (pip install transformers)")
+        if dropped:
+            print(f"note: transformers is not installed; skipping {', '.join(dropped)} (pip install transformers)")
+    return chosen
+
+
+def _check_models(models: list[str], sizes: list[int]) -> None:
+    """Every --models entry names a preset or a config file, and every --sizes entry suits every model."""
+    from .checks import check_image_size
+    from .config import CvtConfig
+
+    for name in models:
+        if name in PRESETS:
+            config = PRESETS[name].config()
+        elif Path(name).exists():
+            config = CvtConfig.from_pretrained(name)  # its refusals name the file
+        else:
+            raise Refusal(
+                f"argument --models: unknown preset {name!r}; the presets are {', '.join(PRESETS)} "
+                "(or give the path of a config.json)"
+            )
+        for size in sizes:
+            try:
+                check_image_size(config, size, size)
+            except ValueError as error:
+                raise Refusal(f"argument --sizes: {size} does not suit {name}: {error}") from None
+
+
+def _print_ratios(records: list) -> None:
     baseline = "transformers-eager"
     print()
     for r in records:
         if r.implementation == baseline or not r.images_per_s:
             continue
+        case = (r.model, r.image_size, r.batch, r.dtype)
         base = next(
-            (
-                b
-                for b in records
-                if b.implementation == baseline
-                and (b.model, b.image_size, b.batch, b.dtype) == (r.model, r.image_size, r.batch, r.dtype)
-            ),
+            (b for b in records if b.implementation == baseline and (b.model, b.image_size, b.batch, b.dtype) == case),
             None,
         )
         if base and base.images_per_s:
@@ -101,20 +252,20 @@ def _bench(args: argparse.Namespace) -> int:
                 f"{r.images_per_s / base.images_per_s:.2f}x {baseline}; its logits are within {r.max_err:.1e} of "
                 f"the float32 reference (which is itself within {r.ref64_err:.1e} of float64)"
             )
-    if args.out:
-        print(f"results written to {args.out}/bench.json, bench.md" + (", bench.png" if on_gpu else ""))
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvt-fast", description=__doc__.splitlines()[0])
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cvt-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     classify = sub.add_parser("classify", help="print the top labels of local images")
     classify.add_argument("images", nargs="+", help="image files")
     classify.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
-    classify.add_argument("--top-k", type=int, default=5)
-    classify.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    classify.add_argument("--top-k", type=_at_least_one, default=5, help="how many labels to print (default 5)")
+    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     classify.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
     classify.set_defaults(func=_classify)
 
@@ -123,25 +274,50 @@ def main(argv: list[str] | None = None) -> int:
         help="throughput against transformers, with errors",
         description="Random-weight models; on the CPU a short run of the eager paths (cvt-13, 224px, batch 1 and 8).",
     )
-    bench.add_argument("--models", nargs="+", help="presets (cvt-13, cvt-21, cvt-w24, ...) or config paths")
-    bench.add_argument("--sizes", nargs="+", type=int, help="image sizes (default: 224 and 384 on GPU, 224 on CPU)")
-    bench.add_argument("--batches", nargs="+", type=int)
+    bench.add_argument("--models", nargs="+", help=f"presets ({', '.join(PRESETS)}) or config.json paths")
+    bench.add_argument(
+        "--sizes", nargs="+", type=_at_least_one, help="image sizes (default: 224 and 384 on GPU, 224 on CPU)"
+    )
+    bench.add_argument("--batches", nargs="+", type=_at_least_one)
     bench.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--implementations", nargs="+", help="subset of the implementations, see cvt_fast.benchmark")
     bench.add_argument("--device", default=None)
-    bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds on the CPU")
+    bench.add_argument("--rounds", type=_at_least_one, default=5, help="interleaved timing rounds on the CPU")
     bench.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md, bench.png")
     bench.set_defaults(func=_bench)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _user_error_lines(error: Exception) -> tuple[str, ...] | None:
+    """The lines to print for a failure the user caused, or None for anything else (a bug: let it show)."""
     from .benchmark import BenchmarkRefused
+    from .config import ConfigError
     from .dispatch import KernelUnavailableError
-    from .loading import CheckpointError
+    from .loading import CheckpointError, one_line
 
+    if isinstance(error, Refusal):
+        return error.lines
+    if isinstance(error, CheckpointError):
+        return (error.problem,)  # without the remedy: it is a from_pretrained argument, which the CLI has not
+    if isinstance(error, (ConfigError, BenchmarkRefused, KernelUnavailableError, FileNotFoundError, ImportError)):
+        return (one_line(error, limit=1000),)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    prog = f"cvt-fast {args.command}"
     try:
         return args.func(args)
-    except (BenchmarkRefused, CheckpointError, FileNotFoundError, ImportError, KernelUnavailableError) as error:
-        print(f"cvt-fast {args.command}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        lines = _user_error_lines(error)
+        if lines is None:
+            raise
+        for line in lines:
+            print(f"{prog}: {line}", file=sys.stderr)
         return 2
 
 

@@ -7,9 +7,14 @@ round trip through cvt_fast unchanged in meaning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
+import numbers
 import os
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +48,37 @@ STAGE_PARAMETERS = (
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
+# The smallest value each integer per-stage parameter takes (paddings may be 0; sizes, strides and counts not).
+STAGE_INTEGER_MINIMUM = {
+    "patch_sizes": 1,
+    "patch_stride": 1,
+    "patch_padding": 0,
+    "embed_dim": 1,
+    "num_heads": 1,
+    "depth": 1,
+    "kernel_qkv": 1,
+    "padding_kv": 0,
+    "stride_kv": 1,
+    "padding_q": 0,
+    "stride_q": 1,
+}
+# Probabilities: a dropout may drop everything (p = 1, as torch and transformers allow), but a stochastic-depth rate
+# of 1 divides by its keep probability, 0, and turns training outputs into NaN.
+STAGE_RATES = {"attention_drop_rate": {"at_most": 1.0}, "drop_rate": {"at_most": 1.0}, "drop_path_rate": {"below": 1.0}}
+STAGE_FLAGS = ("qkv_bias", "cls_token")
+
+
+class ConfigError(ValueError):
+    """A CvtConfig value, or a config file, that cannot describe a CvT. The message names the field (and the stage,
+    for per-stage lists) or the file, and what was expected."""
+
 
 class CvtConfig:
     model_type = "cvt"
 
     def __init__(
         self,
+        /,  # so that a config.json key named "self" lands in **kwargs instead of clashing with the instance
         num_channels: int = 3,
         patch_sizes=(7, 3, 3),
         patch_stride=(4, 2, 2),
@@ -79,24 +109,24 @@ class CvtConfig:
         **kwargs: Any,
     ):
         self.num_channels = num_channels
-        self.patch_sizes = list(patch_sizes)
-        self.patch_stride = list(patch_stride)
-        self.patch_padding = list(patch_padding)
-        self.embed_dim = list(embed_dim)
-        self.num_heads = list(num_heads)
-        self.depth = list(depth)
-        self.mlp_ratio = list(mlp_ratio)
-        self.attention_drop_rate = list(attention_drop_rate)
-        self.drop_rate = list(drop_rate)
-        self.drop_path_rate = list(drop_path_rate)
-        self.qkv_bias = list(qkv_bias)
-        self.cls_token = list(cls_token)
-        self.qkv_projection_method = list(qkv_projection_method)
-        self.kernel_qkv = list(kernel_qkv)
-        self.padding_kv = list(padding_kv)
-        self.stride_kv = list(stride_kv)
-        self.padding_q = list(padding_q)
-        self.stride_q = list(stride_q)
+        self.patch_sizes = _stage_list("patch_sizes", patch_sizes)
+        self.patch_stride = _stage_list("patch_stride", patch_stride)
+        self.patch_padding = _stage_list("patch_padding", patch_padding)
+        self.embed_dim = _stage_list("embed_dim", embed_dim)
+        self.num_heads = _stage_list("num_heads", num_heads)
+        self.depth = _stage_list("depth", depth)
+        self.mlp_ratio = _stage_list("mlp_ratio", mlp_ratio)
+        self.attention_drop_rate = _stage_list("attention_drop_rate", attention_drop_rate)
+        self.drop_rate = _stage_list("drop_rate", drop_rate)
+        self.drop_path_rate = _stage_list("drop_path_rate", drop_path_rate)
+        self.qkv_bias = _stage_list("qkv_bias", qkv_bias)
+        self.cls_token = _stage_list("cls_token", cls_token)
+        self.qkv_projection_method = _stage_list("qkv_projection_method", qkv_projection_method)
+        self.kernel_qkv = _stage_list("kernel_qkv", kernel_qkv)
+        self.padding_kv = _stage_list("padding_kv", padding_kv)
+        self.stride_kv = _stage_list("stride_kv", stride_kv)
+        self.padding_q = _stage_list("padding_q", padding_q)
+        self.stride_q = _stage_list("stride_q", stride_q)
         self.initializer_range = initializer_range
         # Kept for config.json fidelity only: transformers' CvT builds every LayerNorm with the default eps 1e-5
         # and never reads this value, and cvt_fast does the same to give the same numbers.
@@ -106,11 +136,13 @@ class CvtConfig:
         self.return_dict = return_dict
 
         if id2label is not None:
-            self.id2label = {int(k): v for k, v in id2label.items()}
+            self.id2label = _label_names(id2label)
         else:
-            self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+            self.id2label = _default_labels(2 if num_labels is None else num_labels)
         if num_labels is not None and num_labels != len(self.id2label):
-            raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(self.id2label)} labels")
+            raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(self.id2label)} labels")
+        if label2id is not None and not isinstance(label2id, dict):
+            raise ConfigError(f"label2id must be a dict of label names to indices, got {describe_value(label2id)}")
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
 
         # Keys without a meaning here (architectures, dtype, transformers_version, ...) are kept verbatim.
@@ -128,7 +160,7 @@ class CvtConfig:
     @num_labels.setter
     def num_labels(self, value: int) -> None:
         if value != len(self.id2label):
-            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+            self.id2label = _default_labels(value)
             self.label2id = {v: k for k, v in self.id2label.items()}
 
     @property
@@ -146,40 +178,83 @@ class CvtConfig:
     # ---- validation ---------------------------------------------------------------------------------------
 
     def validate(self) -> None:
+        """Refuse, with the field named, any value that transformers would refuse or crash on (or that would train
+        into NaN). Checked in order: types, then ranges, then how fields combine."""
+        stages = self._check_stage_count()
+        for stage in range(stages):
+            self._check_stage(stage)
+        check_integer("num_channels", self.num_channels, 1)
+        check_number("initializer_range", self.initializer_range, above=0.0)  # the std of the initial weights
+        # Only its type: transformers' CvT never reads layer_norm_eps (every LayerNorm uses 1e-5), so any number
+        # it holds is kept for config.json and harms nothing.
+        check_number("layer_norm_eps", self.layer_norm_eps)
+        if not isinstance(self.id2label, dict) or not all(_is_integer(key) for key in self.id2label):
+            raise ConfigError(
+                f"id2label must be a dict of class indices to label names, got {describe_value(self.id2label)}"
+            )
+        if not isinstance(self.label2id, dict):
+            raise ConfigError(f"label2id must be a dict of label names to indices, got {describe_value(self.label2id)}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
+        for name in ("output_hidden_states", "return_dict"):
+            if getattr(self, name) not in (True, False):  # 0 and 1 pass too, as transformers takes them
+                raise ConfigError(f"{name} must be true or false, got {describe_value(getattr(self, name))}")
+
+    def _check_stage_count(self) -> int:
+        for name in STAGE_PARAMETERS:  # also after attribute assignment, which bypasses _stage_list
+            _stage_list(name, getattr(self, name))
         stages = len(self.depth)
         if stages == 0:
-            raise ValueError("CvtConfig needs at least one stage: depth is empty")
+            raise ConfigError("CvtConfig needs at least one stage: depth is empty")
         # transformers only ever indexes these lists by stage, so longer lists (a 2-stage model keeping the
-        # 3-entry defaults) are accepted there and here; shorter ones cannot work.
+        # 3-entry defaults) are accepted there and here, and their extra entries are never read; shorter ones
+        # cannot work.
         short = [
             f"{name} has {len(getattr(self, name))}" for name in STAGE_PARAMETERS if len(getattr(self, name)) < stages
         ]
         if short:
-            raise ValueError(f"every per-stage parameter needs {stages} entries (len(depth)); " + ", ".join(short))
-        for stage in range(stages):
-            dim, heads = self.embed_dim[stage], self.num_heads[stage]
-            if heads < 1 or dim % heads:
-                raise ValueError(f"stage {stage}: embed_dim {dim} is not divisible by num_heads {heads}")
-            if self.depth[stage] < 1:
-                raise ValueError(f"stage {stage}: depth must be at least 1, got {self.depth[stage]}")
-            method = self.qkv_projection_method[stage]
-            if method not in PROJECTION_METHODS:
-                raise ValueError(f"stage {stage}: qkv_projection_method {method!r} is not one of {PROJECTION_METHODS}")
-            kernel, stride_q, padding_q = self.kernel_qkv[stage], self.stride_q[stage], self.padding_q[stage]
-            if method == "dw_bn" and (stride_q != 1 or 2 * padding_q != kernel - 1):
-                # The residual adds the attention output to its input: the query grid must keep the input's size.
-                raise ValueError(
-                    f"stage {stage}: the query projection must keep the token grid's size (stride_q 1 and "
-                    f"padding_q (kernel_qkv - 1) / 2 = {(kernel - 1) / 2:g}), got stride_q {stride_q}, "
-                    f"padding_q {padding_q}, kernel_qkv {kernel}"
+            raise ConfigError(f"every per-stage parameter needs {stages} entries (len(depth)); " + ", ".join(short))
+        return stages
+
+    def _check_stage(self, stage: int) -> None:
+        def where(name: str) -> str:
+            return f"stage {stage}: {name}"
+
+        for name, minimum in STAGE_INTEGER_MINIMUM.items():
+            check_integer(where(name), getattr(self, name)[stage], minimum)
+        for name, upper_bound in STAGE_RATES.items():
+            check_number(where(name), getattr(self, name)[stage], at_least=0.0, **upper_bound)
+        # A ratio small enough to leave int(embed_dim * mlp_ratio) = 0 hidden units still runs, in transformers too.
+        check_number(where("mlp_ratio"), self.mlp_ratio[stage], at_least=0.0)
+        for name in STAGE_FLAGS:
+            if not isinstance(getattr(self, name)[stage], bool):
+                raise ConfigError(
+                    f"{where(name)} must be true or false, got {describe_value(getattr(self, name)[stage])}"
                 )
-            for name in ("patch_sizes", "patch_stride", "kernel_qkv", "stride_kv", "stride_q"):
-                if getattr(self, name)[stage] < 1:
-                    raise ValueError(f"stage {stage}: {name} must be at least 1, got {getattr(self, name)[stage]}")
-        if self.num_channels < 1:
-            raise ValueError(f"num_channels must be at least 1, got {self.num_channels}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
+        self._check_attention(stage)
+
+    def _check_attention(self, stage: int) -> None:
+        dim, heads = self.embed_dim[stage], self.num_heads[stage]
+        if dim % heads:
+            raise ConfigError(f"stage {stage}: embed_dim {dim} is not divisible by num_heads {heads}")
+        method = self.qkv_projection_method[stage]
+        if method not in PROJECTION_METHODS:
+            raise ConfigError(
+                f"stage {stage}: qkv_projection_method {describe_value(method)} is not one of {PROJECTION_METHODS}"
+            )
+        kernel, stride_q, padding_q = self.kernel_qkv[stage], self.stride_q[stage], self.padding_q[stage]
+        if method == "dw_bn" and (stride_q != 1 or 2 * padding_q != kernel - 1):
+            # The residual adds the attention output to its input: the query grid must keep the input's size.
+            raise ConfigError(
+                f"stage {stage}: the query projection must keep the token grid's size (stride_q 1 and "
+                f"padding_q (kernel_qkv - 1) / 2 = {(kernel - 1) / 2:g}), got stride_q {stride_q}, "
+                f"padding_q {padding_q}, kernel_qkv {kernel}"
+            )
+        if method == "avg" and 2 * self.padding_kv[stage] > kernel:  # torch's average pooling refuses more
+            raise ConfigError(
+                f"stage {stage}: padding_kv {self.padding_kv[stage]} is more than half of kernel_qkv {kernel}, "
+                "which average pooling (qkv_projection_method 'avg') does not allow"
+            )
 
     # ---- dict / JSON --------------------------------------------------------------------------------------
 
@@ -209,30 +284,46 @@ class CvtConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> CvtConfig:
         """Build from a config.json dict, then apply `overrides` as attribute assignments, as transformers does (so
         num_labels=10 replaces a checkpoint's 1000 labels instead of contradicting them)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a CvT config is a dict (a JSON object) of parameters, got {describe_value(data)}")
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
-            raise ValueError(f"this is a config for model_type {model_type!r}, not a CvT ('cvt') config")
+            raise ConfigError(f"this is a config for model_type {model_type!r}, not a CvT ('cvt') config")
         config = cls(**data)
         config.update(**overrides)
         return config
 
     def update(self, **values: Any) -> None:
-        """Set attributes (keys this class does not know are kept with the rest of config.json), then validate."""
+        """Set attributes (keys this class does not know are kept with the rest of config.json), then validate.
+        A refused value leaves the config as it was."""
+        candidate = self.copy()
         for key, value in values.items():
-            if key in self.__dict__ or key == "num_labels":
-                setattr(self, key, list(value) if key in STAGE_PARAMETERS else value)
+            if key in STAGE_PARAMETERS:
+                value = _stage_list(key, value)
+            elif key == "id2label":
+                value = _label_names(value)
+            if key in candidate.__dict__ or key == "num_labels":
+                setattr(candidate, key, value)
             else:
-                self.extra[key] = value
-        self.validate()
+                candidate.extra[key] = value
+        candidate.validate()
+        self.__dict__.update(candidate.__dict__)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> CvtConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> CvtConfig:
+        """Read a config.json; a refusal names the file (and the field)."""
+        data = read_json_object(path, ConfigError)
+        try:
+            config = cls.from_dict(data)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        config.update(**overrides)
+        return config
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
+        with replacing(Path(directory) / CONFIG_NAME) as temporary:
+            temporary.write_text(self.to_json_string(), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtConfig:
@@ -241,13 +332,13 @@ class CvtConfig:
             return PRESETS[str(name_or_path)].config(**overrides)
         path = Path(name_or_path)
         if path.is_file():
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), **overrides)
-        from .loading import resolve_checkpoint_dir
+            return cls.from_json_file(path, **overrides)
+        from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[CONFIG_NAME])
         if not (directory / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
-        return cls.from_dict(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")), **overrides)
+            raise CheckpointNotFoundError(f"{directory} has no {CONFIG_NAME}")
+        return cls.from_json_file(directory / CONFIG_NAME, **overrides)
 
     def copy(self) -> CvtConfig:
         return copy.deepcopy(self)
@@ -257,6 +348,110 @@ class CvtConfig:
 
     def __repr__(self) -> str:
         return f"CvtConfig {self.to_json_string()}"
+
+
+# ---- files --------------------------------------------------------------------------------------------------
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object (dict) in a file, or `error` with one line that names the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as reason:
+        raise error(f"{path}: cannot be read ({reason.strerror or reason})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: is not UTF-8 text, so not JSON") from None
+    except json.JSONDecodeError as reason:
+        raise error(f"{path}: is not valid JSON ({reason.msg} at line {reason.lineno} column {reason.colno})") from None
+    except RecursionError:
+        raise error(f"{path}: is JSON nested too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object ({{...}}), got {describe_value(data)}")
+    return data
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; once written it replaces `path` in one step (os.replace),
+    and a write that fails is deleted instead: no half-written file ever stands where a good one was."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# ---- field checks -------------------------------------------------------------------------------------------
+
+
+def describe_value(value: Any) -> str:
+    """A value as a message shows it: its type (which is often the mistake) and a bounded repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _stage_list(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list with one entry per stage, got {describe_value(value)}")
+    return list(value)
+
+
+def check_integer(name: str, value: Any, minimum: int) -> None:
+    if not _is_integer(value):
+        raise ConfigError(f"{name} must be an integer, got {describe_value(value)}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+) -> None:
+    """A finite real number (an int will do), within the given bounds."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {describe_value(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if at_least is not None and value < at_least:
+        raise ConfigError(f"{name} must be at least {at_least:g}, got {value}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{name} must be above {above:g}, got {value}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"{name} must be at most {at_most:g}, got {value}")
+    if below is not None and value >= below:
+        raise ConfigError(f"{name} must be below {below:g}, got {value}")
+
+
+def _default_labels(count: Any) -> dict[int, str]:
+    check_integer("num_labels", count, 0)
+    return {i: f"LABEL_{i}" for i in range(count)}
+
+
+def _label_names(id2label: Any) -> dict[int, Any]:
+    """{index: name} from a dict whose keys are indices, as ints or (config.json) strings of ints."""
+    if not isinstance(id2label, dict):
+        raise ConfigError(f"id2label must be a dict of class indices to label names, got {describe_value(id2label)}")
+    labels = {}
+    for key, name in id2label.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"id2label keys must be class indices (integers), got {describe_value(key)}") from None
+        if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+            raise ConfigError(f"id2label[{index}] must be a label name (a string), got {describe_value(name)}")
+        labels[index] = name
+    return labels
 
 
 # ---- presets ------------------------------------------------------------------------------------------------

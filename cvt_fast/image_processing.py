@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import ConfigError, check_integer, check_number, describe_value, read_json_object, replacing
+
 PREPROCESSOR_NAME = "preprocessor_config.json"
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value preprocessor_config.json stores
+RESAMPLING_FILTERS = (0, 1, 2, 3, 4, 5)  # PIL.Image.Resampling: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 
 class BatchFeature(dict):
@@ -36,6 +39,7 @@ class BatchFeature(dict):
 class CvtImageProcessor:
     def __init__(
         self,
+        /,  # so that a key named "self" in preprocessor_config.json lands in **unused
         size: int | dict = 224,
         crop_pct: float = 224 / 256,
         resample: int = BICUBIC,
@@ -47,19 +51,32 @@ class CvtImageProcessor:
         image_std=IMAGENET_DEFAULT_STD,
         **unused: Any,
     ):
-        if isinstance(size, dict):
-            if "shortest_edge" not in size:
-                raise ValueError(f"size must be an int or {{'shortest_edge': int}}, got {size}")
-            size = size["shortest_edge"]
-        self.size = int(size)
+        self.size = _shortest_edge(size)
         self.crop_pct = crop_pct if crop_pct is not None else 224 / 256
-        self.resample = int(resample)
+        self.resample = resample
         self.do_resize = do_resize
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = tuple(image_mean)
-        self.image_std = tuple(image_std)
+        self.image_mean = _per_channel("image_mean", image_mean)
+        self.image_std = _per_channel("image_std", image_std)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Refuse, naming the field, values that would fail (or divide by zero) only once an image arrives."""
+        check_number("crop_pct", self.crop_pct, above=0.0)
+        if int(self.size / self.crop_pct) < 1:  # the shortest edge is first resized to this many pixels
+            raise ConfigError(f"crop_pct {self.crop_pct} leaves size / crop_pct below one pixel (size {self.size})")
+        if self.resample not in RESAMPLING_FILTERS or isinstance(self.resample, bool):
+            raise ConfigError(
+                f"resample must be one of PIL's filters {RESAMPLING_FILTERS}, got {describe_value(self.resample)}"
+            )
+        check_number("rescale_factor", self.rescale_factor)
+        for name in ("do_resize", "do_rescale", "do_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {describe_value(getattr(self, name))}")
+        if 0 in self.image_std:
+            raise ConfigError(f"image_std must not hold 0 (normalisation divides by it), got {list(self.image_std)}")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtImageProcessor:
@@ -68,13 +85,18 @@ class CvtImageProcessor:
 
         if str(name_or_path) in PRESETS:
             return cls(size=PRESETS[str(name_or_path)].image_size, **overrides)
-        from .loading import resolve_checkpoint_dir
+        from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME])
         path = Path(directory) / PREPROCESSOR_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no {PREPROCESSOR_NAME}")
-        return cls(**{**json.loads(path.read_text(encoding="utf-8")), **overrides})
+            raise CheckpointNotFoundError(f"{directory} has no {PREPROCESSOR_NAME}")
+        data = read_json_object(path, ConfigError)
+        try:
+            cls(**data)
+        except ConfigError as error:  # the file's own values are refused naming the file; overrides are the caller's
+            raise ConfigError(f"{path}: {error}") from None
+        return cls(**{**data, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +114,8 @@ class CvtImageProcessor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / PREPROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        with replacing(Path(directory) / PREPROCESSOR_NAME) as temporary:
+            temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     # ---- the pipeline ---------------------------------------------------------------------------------------
 
@@ -139,6 +162,24 @@ class CvtImageProcessor:
             else:
                 height, width = short, int(short * w / h)
         return image.resize((width, height), resample=self.resample)
+
+
+def _shortest_edge(size: Any) -> int:
+    """size as preprocessor_config.json gives it, an int or {"shortest_edge": int}, as an int."""
+    if isinstance(size, dict):
+        if set(size) != {"shortest_edge"}:
+            raise ConfigError(f"size must be an integer or {{'shortest_edge': integer}}, got {describe_value(size)}")
+        size = size["shortest_edge"]
+    check_integer("size", size, 1)
+    return size
+
+
+def _per_channel(name: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise ConfigError(f"{name} must be a list of 3 numbers (red, green, blue), got {describe_value(values)}")
+    for channel, value in enumerate(values):
+        check_number(f"{name}[{channel}]", value)
+    return tuple(values)
 
 
 def _to_rgb_pil(image):

@@ -7,15 +7,17 @@ nothing is silently left at its random initialisation.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import CONFIG_NAME, CvtConfig
+from .checks import check_device
+from .config import CONFIG_NAME, ConfigError, CvtConfig, read_json_object, replacing
 
 logger = logging.getLogger("cvt_fast")
 
@@ -28,30 +30,61 @@ OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys, or no weights file."""
+    """A checkpoint that cannot be loaded: unreadable or corrupt files, or keys that do not fit the model. The message
+    names the file or the keys; `remedy`, when there is one, is the from_pretrained argument that would accept it."""
+
+    def __init__(self, problem: str, remedy: str | None = None):
+        super().__init__(problem + (f" ({remedy})" if remedy else ""))
+        self.problem = problem
+        self.remedy = remedy
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint under that name: no such folder, nothing on the Hub, or no weights or config in the folder."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """save_pretrained could not write; whatever the folder held before is left as it was."""
 
 
 # ---- finding a checkpoint -----------------------------------------------------------------------------------
 
 
-def resolve_checkpoint_dir(name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs):
-    """A local directory as is; anything else is taken as a Hugging Face Hub id and fetched through
+def resolve_checkpoint_dir(
+    name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs
+) -> Path:
+    """A local directory as is; anything else that could be a Hugging Face Hub id is fetched through
     huggingface_hub (an optional dependency)."""
-    path = Path(name_or_path).expanduser()
+    name = os.fspath(name_or_path)
+    if not name.strip():  # Path("") is the working directory, which is never what an empty name meant
+        raise CheckpointNotFoundError("an empty name is not a checkpoint (expected a save_pretrained folder or hub id)")
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name:
-        raise FileNotFoundError(f"{name!r} is not a checkpoint directory (expected a save_pretrained folder)")
+    if path.exists():
+        raise CheckpointNotFoundError(
+            f"{name!r} is a file, not a checkpoint directory (expected a save_pretrained folder)"
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise CheckpointNotFoundError(f"{name!r} is not a checkpoint directory: there is no such folder")
+    return _download(name, allow_patterns or ["*.json", "*.safetensors", "*.bin"], hub_kwargs)
+
+
+def _download(repo_id: str, allow_patterns: list[str], hub_kwargs: dict) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:
         raise ImportError(
-            f"{name!r} is not a local directory, so it would be fetched from the Hugging Face Hub, which needs the "
+            f"{repo_id!r} is not a local directory, so it would be fetched from the Hugging Face Hub, which needs the "
             "optional package huggingface_hub: pip install huggingface_hub (or pass a local directory)"
         ) from error
-    patterns = allow_patterns or ["*.json", "*.safetensors", "*.bin"]
-    return Path(snapshot_download(repo_id=name, allow_patterns=patterns, **hub_kwargs))
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=allow_patterns, **hub_kwargs))
+    except Exception as error:  # whatever the Hub or the network answered, the name reached no checkpoint
+        raise CheckpointNotFoundError(
+            f"{repo_id!r} is not a checkpoint directory (there is no folder {Path(repo_id).absolute()}) and could not "
+            f"be fetched from the Hugging Face Hub either ({one_line(error)})"
+        ) from error
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -60,27 +93,121 @@ def weight_files(directory: Path) -> list[Path]:
         if (directory / single).is_file():
             return [directory / single]
         if (directory / index).is_file():
-            weight_map = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{directory / index} names shards that are not there: {missing}")
-            return [directory / s for s in shards]
-    raise CheckpointError(
+            return _shard_files(directory / index)
+    raise CheckpointNotFoundError(
         f"no weights in {directory}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}"
     )
 
 
+def _shard_files(index: Path) -> list[Path]:
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(shard, str) for shard in weight_map.values())
+    ):
+        raise CheckpointError(f'{index}: expected a "weight_map" object of tensor names to shard file names')
+    shards = sorted(set(weight_map.values()))
+    elsewhere = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
+    if elsewhere:  # shards sit beside their index; a path could make the index read any file on the machine
+        raise CheckpointError(f"{index}: shards must be file names in {index.parent}, got {_listing(elsewhere)}")
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are not there: {_listing(missing)}")
+    return [index.parent / s for s in shards]
+
+
+# ---- reading weights ----------------------------------------------------------------------------------------
+
+
 def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict.update(load_file(str(file), device="cpu"))
-        else:  # read into memory, not mmap: the model must not depend on a file save_pretrained may overwrite
-            state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+        for key, tensor in _read_weights(file).items():
+            if key in source:
+                raise CheckpointError(f"{key} is in two shards, {source[key]} and {file}")
+            state_dict[key], source[key] = tensor, file
     return state_dict
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    tensors = _read_safetensors(file) if file.suffix == ".safetensors" else _read_pickle(file)
+    _check_tensors(file, tensors)
+    # A step counter is int64 in the model: load_state_dict would copy another dtype into it, but assign=True (used
+    # to skip initialisation) keeps the checkpoint's, and a bool one would then fail at the first training step.
+    return {k: v.to(torch.int64) if k.endswith(OPTIONAL_SUFFIXES) else v for k, v in tensors.items()}
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as error:  # whatever safetensors raises about this file, it is the file's fault
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({one_line(error)}); is it truncated or corrupt?"
+        ) from None
+
+
+def _read_pickle(file: Path) -> Any:
+    # Read into memory, not mmap: the model must not depend on a file save_pretrained may overwrite.
+    try:
+        with warnings.catch_warnings():  # a damaged file's first byte read as a protocol: the refusal says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever torch raises about this file (corrupt, truncated, refused), it is the file's
+        # fault; `from None` keeps torch's advice to unpickle untrusted code out of the traceback as well.
+        raise CheckpointError(_pickle_refusal(file, error)) from None
+
+
+def _pickle_refusal(file: Path, error: Exception) -> str:
+    text = str(error)
+    detail = one_line(text.split("WeightsUnpickler error:", 1)[-1], first_sentence=True)
+    if "WeightsUnpickler error:" in text and "global" in detail.lower():
+        return (
+            f"{file}: refused, it holds Python objects and not only tensors ({detail}); cvt_fast reads .bin "
+            "checkpoints with torch.load(weights_only=True), which never runs code from a file"
+        )
+    try:
+        with open(file, "rb") as f:
+            head = f.read(2)
+    except OSError as reason:
+        return f"{file}: cannot be read ({reason.strerror or reason})"
+    if not head:
+        return f"{file}: empty, so not a PyTorch checkpoint"
+    if head == b"PK":  # torch.save writes a zip archive
+        return f"{file}: a damaged zip archive, not a readable PyTorch checkpoint ({detail}); is it truncated?"
+    return (
+        f"{file}: not a PyTorch checkpoint of tensors, neither a zip archive (what torch.save writes) nor a pickle "
+        f"of tensors ({detail})"
+    )
+
+
+def _check_tensors(file: Path, data: Any) -> None:
+    """A state dict of dense floating-point tensors (BatchNorm's integer step counters aside), or a refusal."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: holds {type(data).__name__}, expected a dict of tensor names to tensors")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {key!r} is {type(value).__name__}, expected a tensor")
+        if value.is_meta or value.layout != torch.strided:
+            raise CheckpointError(f"{file}: {key} is not a dense tensor with data ({value.layout}, {value.device})")
+        if key.endswith(OPTIONAL_SUFFIXES):
+            if value.is_complex():
+                raise CheckpointError(f"{file}: {key} is {value.dtype}, expected an integer step counter")
+        elif not value.is_floating_point():
+            raise CheckpointError(f"{file}: {key} is {value.dtype}, expected floating-point weights")
+
+
+def one_line(error: Exception | str, first_sentence: bool = False, limit: int = 200) -> str:
+    """An exception's message on one line, without terminal colour codes, bounded in length."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
+    if first_sentence:
+        text = text.split(". ", 1)[0]
+    if not text and isinstance(error, Exception):
+        text = type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- matching keys ------------------------------------------------------------------------------------------
@@ -146,34 +273,26 @@ def from_pretrained(
     hub_kwargs = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir, token=token).items() if v is not None}
     if local_files_only:
         hub_kwargs["local_files_only"] = True
+    # Everything that can be checked before the weights are read is: a refusal then costs no time.
     directory = resolve_checkpoint_dir(name_or_path, **hub_kwargs)
-    if config is None:
-        if not (directory / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{directory} has no {CONFIG_NAME}; pass config= to load its weights anyway")
-        config = CvtConfig.from_json_file(directory / CONFIG_NAME)
-    else:
-        config = config.copy()
-    unknown = [key for key in config_overrides if not hasattr(config, key)]
-    if unknown:
-        raise TypeError(f"from_pretrained got unexpected arguments {unknown} (not CvtConfig attributes either)")
-    config.update(**config_overrides)
+    config = _checkpoint_config(directory, config, config_overrides)
+    target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+    if device is not None:
+        device = check_device(device)
 
     state_dict = read_state_dict(weight_files(directory))
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = model_class(config, backend=backend)
     state_dict = adapt_prefix(state_dict, model)
     missing, unexpected, mismatched = compare_keys(model, state_dict)
-
-    problems = []
-    if mismatched and not ignore_mismatched_sizes:
-        listing = _listing([f"{k}: checkpoint {a}, model {b}" for k, a, b in mismatched])
-        problems.append(f"mis-shaped keys ({listing}); pass ignore_mismatched_sizes=True to re-initialise them")
-    if missing and strict:
-        problems.append(f"missing keys ({_listing(missing)}); pass strict=False to initialise them")
-    if unexpected and strict:
-        problems.append(f"unexpected keys ({_listing(unexpected)}); pass strict=False to ignore them")
-    if problems:
-        raise CheckpointError(f"checkpoint {name_or_path} does not fit {model_class.__name__}: " + "; ".join(problems))
+    _refuse_misfits(
+        f"checkpoint {name_or_path} does not fit {model_class.__name__}",
+        missing,
+        unexpected,
+        mismatched,
+        strict=strict,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
+    )
     reinitialised = [k for k, _, _ in mismatched] + missing
     if reinitialised:
         logger.warning("cvt_fast: newly initialised (not in the checkpoint): %s", _listing(reinitialised))
@@ -184,10 +303,44 @@ def from_pretrained(
 
     model.load_state_dict(state_dict, strict=False, assign=True)
     _materialise_leftovers(model)
-    target = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
-    model.to(device=device, dtype=target)
+    model.to(device=device, dtype=target_dtype)
     model.eval()  # as transformers: a loaded model starts in inference mode
     return model
+
+
+def _checkpoint_config(directory: Path, config: CvtConfig | None, overrides: dict[str, Any]) -> CvtConfig:
+    """The checkpoint's config.json (or the config given instead), with the overrides applied."""
+    if config is None:
+        if not (directory / CONFIG_NAME).is_file():
+            raise CheckpointNotFoundError(
+                f"{directory} has no {CONFIG_NAME}", remedy="pass config= to load its weights"
+            )
+        config = CvtConfig.from_json_file(directory / CONFIG_NAME)
+    elif isinstance(config, CvtConfig):
+        config = config.copy()  # the caller's config stays as it was
+    else:
+        raise TypeError(f"config must be a cvt_fast.CvtConfig, got {type(config).__name__}")
+    unknown = [key for key in overrides if not hasattr(config, key)]
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments {unknown} (not CvtConfig attributes either)")
+    config.update(**overrides)
+    return config
+
+
+def _refuse_misfits(what, missing, unexpected, mismatched, *, strict: bool, ignore_mismatched_sizes: bool) -> None:
+    """Refuse keys that do not fit unless the caller consented, naming them and the argument that consents."""
+    problems, remedies = [], []
+    if mismatched and not ignore_mismatched_sizes:
+        problems.append(f"mis-shaped keys ({_listing([f'{k}: checkpoint {a}, model {b}' for k, a, b in mismatched])})")
+        remedies.append("ignore_mismatched_sizes=True re-initialises mis-shaped keys")
+    if missing and strict:
+        problems.append(f"missing keys ({_listing(missing)})")
+        remedies.append("strict=False initialises missing keys")
+    if unexpected and strict:
+        problems.append(f"unexpected keys ({_listing(unexpected)})")
+        remedies.append("strict=False ignores unexpected keys")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems), remedy="from_pretrained: " + ", ".join(remedies))
 
 
 def _materialise_leftovers(model) -> None:
@@ -213,29 +366,73 @@ def _materialise_leftovers(model) -> None:
 def _resolve_dtype(dtype, config: CvtConfig) -> torch.dtype:
     if dtype is None:
         return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         name = config.extra.get("dtype") or "float32"
-        return getattr(torch, str(name).removeprefix("torch."))
+        return _floating_dtype(name, f"config.json's dtype {name!r} (read for dtype='auto')", ConfigError)
     if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype")
-        return resolved
-    return dtype
+        return _floating_dtype(dtype, f"dtype {dtype!r}", ValueError)
+    raise TypeError(f"dtype must be a torch.dtype, a name such as 'float16', or 'auto'; got {type(dtype).__name__}")
+
+
+def _floating_dtype(name: Any, what: str, error: type[Exception]) -> torch.dtype:
+    resolved = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise error(f"{what} is not a floating-point torch dtype (float32, float16, bfloat16, float64)")
+    return resolved
 
 
 def save_pretrained(model, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-    """config.json + model.safetensors with transformers' keys and metadata, so transformers loads it back."""
+    """config.json + model.safetensors with transformers' keys and metadata, so transformers loads it back.
+
+    Each file is written beside its final name and then renamed over it: a save that fails (a full disk, say) leaves
+    the folder's previous checkpoint as it was, never a half-written file in its place."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointWriteError(f"{directory}: cannot be made a checkpoint folder ({one_line(error)})") from error
     config = model.config.copy()
     config.extra["architectures"] = [type(model).__name__]
     config.extra["dtype"] = str(model.dtype).removeprefix("torch.")
-    config.save_pretrained(directory)
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = SAFE_WEIGHTS if safe_serialization else BIN_WEIGHTS
+    try:
+        with replacing(directory / weights) as weights_file, replacing(directory / CONFIG_NAME) as config_file:
+            _write_weights(state_dict, weights_file, safe_serialization)
+            config_file.write_text(config.to_json_string(), encoding="utf-8")
+    except OSError as error:
+        raise CheckpointWriteError(
+            f"cannot save a checkpoint in {directory} ({one_line(error)}); what the folder held is left as it was"
+        ) from error
+    _remove_stale_weights(directory, keep=weights)
+
+
+def _write_weights(state_dict: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:
     if safe_serialization:
         from safetensors.torch import save_file
 
-        save_file(state_dict, str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
+        save_file(state_dict, str(path), metadata={"format": "pt"})
     else:
-        torch.save(state_dict, directory / BIN_WEIGHTS)
+        torch.save(state_dict, path)
+
+
+def _remove_stale_weights(directory: Path, keep: str) -> None:
+    """Weights of the other format, or shards, left by an earlier save would be read instead of the new file
+    (safetensors comes first) or beside it: remove them, as transformers does."""
+    for name in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX):
+        if name == keep or not (directory / name).is_file():
+            continue
+        if name.endswith(".index.json"):
+            for shard in _indexed_shards_if_readable(directory / name):
+                if shard != keep:
+                    (directory / shard).unlink(missing_ok=True)
+        (directory / name).unlink(missing_ok=True)
+
+
+def _indexed_shards_if_readable(index: Path) -> list[str]:
+    try:
+        return [shard.name for shard in _shard_files(index)]
+    except CheckpointError:  # an index that cannot be read names nothing that is safe to delete
+        return []

@@ -2,16 +2,8 @@
 before triton is first imported, so it happens here, ahead of every test module."""
 
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-# `python -m pytest` puts the repository root on sys.path, where kernels/ would pass for PyPI's `kernels` package,
-# which transformers probes for (and then fails on). The package is reached through its install instead
-# (pip install -e .), which maps kernels/ to cvt_fast.kernels.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
