@@ -83,6 +83,11 @@ def _environment_reason(tensors: Sequence[torch.Tensor], backend: str) -> str | 
     """Why the kernels cannot run on these tensors at all, or None."""
     device, dtype = tensors[0].device, tensors[0].dtype
     if device.type == "cpu":
+        if not TRITON_INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return (
+                "CPU tensors: TRITON_INTERPRET=1 was set after cvt_fast was imported; it must be set before "
+                "importing cvt_fast (and triton) for the kernels to run in the interpreter"
+            )
         if not TRITON_INTERPRET:
             return "CPU tensors: the kernels run on CUDA (or on CPU under TRITON_INTERPRET=1 with backend='triton')"
         if backend == "auto":

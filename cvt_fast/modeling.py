@@ -354,6 +354,7 @@ class CvtPreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, CvtConfig):
             raise TypeError(f"config must be a cvt_fast.CvtConfig, got {type(config).__name__}")
+        config.validate()  # again: fields may have been assigned one by one since the config was made
         self.config = config
         self._backend = resolve_backend(backend)
         prepare_backend(self._backend)

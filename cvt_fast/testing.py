@@ -23,6 +23,6 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator | None = None)
         elif tensor.ndim == 1:  # biases
             value = 0.05 * noise
         else:  # conv / linear weights, cls tokens
-            value = noise * tensor[0].numel() ** -0.5
+            value = noise * max(tensor.shape[1:].numel(), 1) ** -0.5  # fan_in (a zero-width layer has no values)
         tensor.copy_(value)
     return model

@@ -50,7 +50,7 @@ def test_fullgraph_training_step():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inductor_fullgraph_on_the_kernels(dtype):
-    """DESIGN.md's rule at model level: compiled, the model is as close to float64 as eager PyTorch in the same
+    """The accuracy rule at model level: compiled, the model is as close to float64 as eager PyTorch in the same
     dtype is (2x, plus the dtype's floor)."""
     m = model("triton").cuda()
     x = torch.randn(4, 3, 64, 64, device="cuda")

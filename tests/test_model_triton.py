@@ -55,7 +55,7 @@ def test_random_configs_against_transformers(seed):
 
 
 def test_float16_within_the_rule():
-    """Model-level DESIGN.md rule: as close to float64 as eager float16 is (2x, plus the float16 floor)."""
+    """Model-level accuracy rule: as close to float64 as eager float16 is (2x, plus the float16 floor)."""
     _, ours = fast_pair(TINY)
     reference_model = copy.deepcopy(ours).double().cpu()
     reference_model.set_backend("eager")

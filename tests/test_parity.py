@@ -1,4 +1,4 @@
-"""The eager path against transformers: float32 on the CPU, every output within 2e-5 relative (DESIGN.md)."""
+"""The eager path against transformers: float32 on the CPU, every output within 2e-5 relative."""
 
 import copy
 
@@ -157,7 +157,7 @@ def test_train_mode_float32(seed):
     """Outputs and loss within 2e-5 of transformers. Gradients: float32 rounding alone moves transformers' own
     gradients up to ~8e-4 (relative) from float64 on these models (measured, seeds 0-7), so two float32
     implementations cannot agree to 2e-5; instead ours must be as close to float64 as transformers is (the
-    DESIGN.md rule: 2x its error plus the 1e-5 float32 floor), model-wide."""
+    accuracy rule: 2x its error plus the 1e-5 float32 floor), model-wide."""
     kwargs = random_config_kwargs(seed, num_labels=3)
     hf, ours = model_pair(kwargs, seed=seed)
     hf64 = copy.deepcopy(hf).double()
