@@ -178,11 +178,15 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
             if time.monotonic() > deadline:
                 print(f"time budget reached: {len(cases) - index} model cases not run", flush=True)
                 break
-            records = bench_case(model, size, batch, dtype, implementations, device, 1, lambda m: print(m, flush=True))
-            for r in records:
+
+            def on_record(r, size=size, batch=batch, dtype=dtype):  # appended the moment it is final
                 append_jsonl(path, asdict(r))
                 speed = f"{r.images_per_s:.1f} images/s" if r.images_per_s else f"error: {r.error}"
-                print(f"{size}px batch {batch} {dtype} {r.implementation:<26} {speed}  max err {r.max_err}", flush=True)
+                compile_s = f"  compile {r.compile_s:.1f} s" if r.compile_s is not None else ""
+                print(f"{size}px batch {batch} {dtype} {r.implementation:<26} {speed}  max err {r.max_err}{compile_s}",
+                      flush=True)  # fmt: skip
+
+            bench_case(model, size, batch, dtype, implementations, device, 1, lambda m: print(m, flush=True), on_record)
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def summarize_kernels(records: list[dict]) -> list[str]:
 
 def summarize_models(records: list[dict]) -> list[str]:
     lines = ["| batch | implementation | images/s | vs transformers-eager | vs transformers-compile | peak MiB | "
-             "max err |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "max err | compile s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     by_batch: dict[int, dict[str, dict]] = {}
     for r in records:
         by_batch.setdefault(r["batch"], {})[r["implementation"]] = r
@@ -262,8 +266,9 @@ def summarize_models(records: list[dict]) -> list[str]:
             mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "-"
             shown = f"{speed:.1f}" if speed else f"error: {r.get('error')}"
             err = f"{r['max_err']:.1e}" if r.get("max_err") is not None else "-"
+            compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
             cells = [batch, name, shown, f"{vs_eager:.2f}x" if vs_eager else "-",
-                     f"{vs_compile:.2f}x" if vs_compile else "-", mem, err]  # fmt: skip
+                     f"{vs_compile:.2f}x" if vs_compile else "-", mem, err, compile_s]  # fmt: skip
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         best = max((r for n, r in rs.items() if n.startswith("cvt_fast") and r.get("images_per_s")),
                    key=lambda r: r["images_per_s"], default=None)  # fmt: skip

@@ -13,6 +13,7 @@
 #   models    cvt-13 224 px bf16, batch 256 and 1, every contender of `cvt-fast bench`        -> models.jsonl
 #   summary   a short table of everything against the targets, last on stdout                 -> summary.md
 # Every stage appends its results as they come; session.log has everything printed. 8 files in all, one folder.
+# Exit status 1 when any stage failed or ran out of time (the others still ran, and the summary says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,7 @@ if [ "$REHEARSE" = 1 ]; then
 fi
 : >"$OUT/session.log"
 START=$(date +%s)
+FAILED_STAGES=()
 
 log() { echo "[gpu_session $(($(date +%s) - START))s] $*" | tee -a "$OUT/session.log"; }
 
@@ -56,6 +58,7 @@ stage() {
   local status="ok"
   [ "$rc" = 124 ] && status="TIMED OUT after ${limit}s"
   [ "$rc" != 0 ] && [ "$rc" != 124 ] && status="exit status $rc"
+  [ "$rc" != 0 ] && FAILED_STAGES+=("$name")
   log "stage $name: $status in $(($(date +%s) - t0))s"
 }
 
@@ -73,3 +76,8 @@ MODELS_LIMIT=$((BUDGET * 26 / 100))
 stage models 26 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
 log "summary (whole session $(($(date +%s) - START))s)"
 python3 bench/gpu_session.py summary --out "$OUT" 2>&1 | tee -a "$OUT/session.log"
+[ "${PIPESTATUS[0]}" = 0 ] || FAILED_STAGES+=(summary)
+if [ ${#FAILED_STAGES[@]} -gt 0 ]; then
+  log "stages that failed or timed out: ${FAILED_STAGES[*]}"
+  exit 1
+fi

@@ -74,6 +74,7 @@ class Record:
     ref64_err: float | None
     error: str | None = None
     note: str | None = None
+    compile_s: float | None = None  # torch.compile or CUDA graph capture, first call included; apart from the timing
 
 
 def _versions() -> dict[str, str | None]:
@@ -122,8 +123,8 @@ def _cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable:
     return replay
 
 
-def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor) -> tuple[Callable, int]:
-    """(pixel_values -> logits, bytes of its weights) for one implementation."""
+def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor) -> Callable:
+    """pixel_values -> logits, for one implementation."""
     if name.startswith("transformers"):
         cast = name.endswith("-cast")
         model = _transformers_model(base).to(device=device, dtype=dtype if cast else torch.float32)
@@ -133,7 +134,8 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
             with torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext():
                 return model(x if cast else x.float()).logits
 
-        fn = torch.compile(run) if name.endswith("compile") else run
+        # Static shapes: compiled once for this shape, never recompiled as "dynamic" after a change of shape.
+        fn = torch.compile(run, dynamic=False) if name.endswith("compile") else run
     else:
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
         model.set_backend("eager" if name == "cvt_fast-eager" else "triton")
@@ -141,11 +143,10 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
         def run(x, model=model):
             return model(x).logits
 
-        fn = torch.compile(run, fullgraph=True) if name.endswith("compile") else run
+        fn = torch.compile(run, fullgraph=True, dynamic=False) if name.endswith("compile") else run
         if name.endswith("cudagraph"):
             fn = _cuda_graphed(run, x)
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return fn, weight_bytes
+    return fn
 
 
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
@@ -185,7 +186,10 @@ def bench_case(
     device: torch.device,
     rounds: int,
     progress: Callable[[str], None],
+    on_record: Callable[[Record], None] | None = None,
 ) -> list[Record]:
+    """One case, every implementation; on_record(record) as soon as a record is final (on CUDA, after each
+    contender's timing; on the CPU, where the contenders run interleaved, at the end)."""
     dtype = DTYPES[dtype_name]
     versions = _versions()
     generator = torch.Generator().manual_seed(0)
@@ -218,40 +222,52 @@ def bench_case(
             **{"images_per_s": None, "ms_per_batch": None, "peak_mem_bytes": None, "max_err": None, **fields},
         )
 
+    def final(name):
+        if on_record is not None:
+            on_record(records[name])
+
     for name in implementations:
         if name == "transformers-eager-cast" and dtype == torch.float32:
             continue  # the same as transformers-eager
         progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
         try:
-            fn, weight_bytes = _contender(name, base, dtype, device, x)
-            peak = None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                before = torch.cuda.memory_allocated(device)
+                allocated_before = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            fn = _contender(name, base, dtype, device, x)
+            with torch.inference_mode():  # the first call compiles (torch.compile, Triton's JIT)
+                fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compiled = name.endswith(("compile", "cudagraph"))
+            compile_s = time.perf_counter() - start if compiled else None
+            peak = None
+            if device.type == "cuda":  # a steady-state call: weights, graph pools and its own activations
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.inference_mode():
                 logits = fn(x)
-            if device.type == "cuda":  # what the forward needed on top of what it found, plus its own weights
-                peak = torch.cuda.max_memory_allocated(device) - before + weight_bytes
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) - allocated_before
             err = (logits.double().cpu() - reference).abs().max().item()
             note = "the float32 reference" if name == "transformers-eager" and dtype == torch.float32 else None
-            record(name, max_err=err, peak_mem_bytes=peak, note=note)
+            record(name, max_err=err, peak_mem_bytes=peak, note=note, compile_s=compile_s)
             contenders[name] = fn
         except Exception as error:  # one contender failing (out of memory, say) must not stop the rest
             record(name, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+            final(name)
             continue
         if device.type == "cuda":  # timed alone, then released: contenders need not fit in memory together
             progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: timing {name}")
             with torch.inference_mode():
                 ms = _time_cuda(contenders.pop(name), inputs)
             records[name].ms_per_batch, records[name].images_per_s = ms, batch / ms * 1e3
+            final(name)
             torch.cuda.empty_cache()
 
     if device.type == "cpu" and contenders:  # interleaved rounds: drift on a shared machine hits all alike
         times: dict[str, list[float]] = {name: [] for name in contenders}
-        with torch.inference_mode():
-            for fn in contenders.values():  # one warm-up call each
-                fn(x)
+        with torch.inference_mode():  # each contender has been called twice already: warm
             for r in range(rounds):
                 progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
                 for name, fn in contenders.items():
@@ -261,6 +277,7 @@ def bench_case(
         for name, samples in times.items():
             seconds = statistics.median(samples)
             records[name].ms_per_batch, records[name].images_per_s = seconds * 1e3, batch / seconds
+            final(name)
     return [records[name] for name in implementations if name in records]
 
 
@@ -269,8 +286,9 @@ def bench_case(
 
 def markdown_table(records: list[Record], baseline: str = "transformers-eager") -> str:
     lines = [
-        "| model | size | batch | dtype | implementation | images/s | vs " + baseline + " | peak MiB | max err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size | batch | dtype | implementation | images/s | vs " + baseline + " | peak MiB | max err "
+        "| compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_case: dict[tuple, dict[str, Record]] = {}
     for r in records:
@@ -281,7 +299,8 @@ def markdown_table(records: list[Record], baseline: str = "transformers-eager") 
         ratio = f"{r.images_per_s / base.images_per_s:.2f}x" if r.images_per_s and base and base.images_per_s else "-"
         mem = f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes else "-"
         err = r.note or (f"{r.max_err:.1e}" if r.max_err is not None else "-")
-        cells = (r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem, err)
+        compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+        cells = (r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem, err, compile_s)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -341,6 +360,8 @@ def write_results(records: list[Record], out_dir: Path) -> list[Path]:
     (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
     (out_dir / "bench.md").write_text(markdown_table(records))
     written = [out_dir / "bench.json", out_dir / "bench.md"]
+    if (out_dir / "bench.jsonl").exists():  # written record by record while the run went on
+        written.insert(0, out_dir / "bench.jsonl")
     if plot(records, out_dir / "bench.png"):
         written.append(out_dir / "bench.png")
     return written
@@ -374,15 +395,29 @@ def run(
     ]
     progress = _progress_printer(len(cases))
     records: list[Record] = []
+    on_record = None
+    if out_dir is not None:  # every record appended the moment it is final: a run stopped midway keeps them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / "bench.jsonl"
+        partial.write_text("")
+
+        def on_record(record: Record) -> None:
+            with partial.open("a") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+
     for index, (model, size, batch, dtype) in enumerate(cases, 1):
         progress.state["case"] = index  # type: ignore[attr-defined]
-        case_records = bench_case(model, size, batch, dtype, implementations, device, rounds, progress)
+        case_records = bench_case(model, size, batch, dtype, implementations, device, rounds, progress, on_record)
         records.extend(case_records)
         progress.clear()  # type: ignore[attr-defined]
         for r in case_records:
             speed = f"{r.images_per_s:8.1f} images/s" if r.images_per_s else f"error: {r.error}"
             err = r.note or (f"max err {r.max_err:.1e}" if r.max_err is not None else "")
-            print(f"{model} {size}px batch {batch:>3} {dtype:>8}  {r.implementation:<24} {speed}  {err}", flush=True)
+            compile_s = f"  (compile {r.compile_s:.1f} s)" if r.compile_s is not None else ""
+            print(
+                f"{model} {size}px batch {batch:>3} {dtype:>8}  {r.implementation:<24} {speed}  {err}{compile_s}",
+                flush=True,
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if out_dir is not None:

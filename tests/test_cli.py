@@ -90,9 +90,12 @@ def test_bench_short_run_writes_records(tmp_path):
         f"{config_path} 48px batch 2 float32: round 2/2",
     ]
     assert "\r" not in result.stderr and "\033" not in result.stderr
-    assert f"results written to {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}" in result.stdout
+    written = f"results written to {out / 'bench.jsonl'}, {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}"
+    assert written in result.stdout
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG")
     records = json.loads((tmp_path / "out" / "bench.json").read_text())
+    # the same records, appended one by one while the run went on
+    assert [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()] == records
     assert {r["implementation"] for r in records} == {"transformers-eager", "cvt_fast-eager"}
     for r in records:
         assert r["images_per_s"] > 0 and r["max_err"] < 1e-4 and r["batch"] == 2 and r["image_size"] == 48
@@ -374,7 +377,7 @@ def test_results_are_announced_and_a_missing_matplotlib_said(tmp_path, capsys, m
     benchmark.run(["cvt-13"], [224], [1], ["float32"], ["cvt_fast-eager"], torch.device("cpu"), 1, tmp_path)
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == [
-        f"results written to {tmp_path / 'bench.json'}, {tmp_path / 'bench.md'}",
+        f"results written to {tmp_path / 'bench.jsonl'}, {tmp_path / 'bench.json'}, {tmp_path / 'bench.md'}",
         f"no {tmp_path / 'bench.png'}: the plot needs matplotlib (pip install matplotlib)",
     ]
     assert json.loads((tmp_path / "bench.json").read_text())[0]["images_per_s"] == 10.0
