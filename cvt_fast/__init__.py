@@ -24,6 +24,8 @@ _EXPORTS = {
     "CheckpointError": ".loading",
     "CheckpointNotFoundError": ".loading",
     "CheckpointWriteError": ".loading",
+    "CvtBackbone": ".backbone",
+    "BackboneOutput": ".outputs",
     "CvtForImageClassification": ".modeling",
     "CvtModel": ".modeling",
     "CvtPreTrainedModel": ".modeling",
@@ -36,11 +38,13 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "BackboneOutput",
     "BaseModelOutputWithCLSToken",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "ConfigError",
+    "CvtBackbone",
     "CvtConfig",
     "CvtForImageClassification",
     "CvtModel",
@@ -58,7 +62,9 @@ __all__ = [
 
 # `import cvt_fast` then `cvt_fast.ops.clear_fold_cache()` worked when this file imported everything: still does.
 _SUBMODULES = (
+    "backbone",
     "benchmark",
+    "checkpointing",
     "checks",
     "cli",
     "config",
@@ -89,9 +95,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the same names, imported eagerly, for type checkers and editors
+    from .backbone import CvtBackbone
     from .config import PRESETS, ConfigError, CvtConfig, preset
     from .dispatch import KernelUnavailableError
     from .loading import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
     from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
-    from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
+    from .outputs import BackboneOutput, BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
     from .patching import from_transformers, patch, unpatch

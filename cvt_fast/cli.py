@@ -160,6 +160,10 @@ def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import run
 
+    if args.resolutions:
+        return _bench_resolutions(args)
+    if args.memory_cap_gib is not None:
+        raise Refusal("argument --memory-cap-gib: only the resolution benchmark (--resolutions) has a memory cap")
     device = _device(args.device)
     on_gpu = device.type == "cuda"
     implementations = _implementations(args.implementations, device)
@@ -177,6 +181,51 @@ def _bench(args: argparse.Namespace) -> int:
     records = run(models, sizes, batches, dtypes, implementations, device, args.rounds, args.out)
     _print_ratios(records)
     return 0
+
+
+def _bench_resolutions(args: argparse.Namespace) -> int:
+    """Memory and time against image size (cvt_fast.resolution)."""
+    from . import resolution
+
+    device = _device(args.device)
+    on_gpu = device.type == "cuda"
+    for option in ("sizes", "batches"):
+        if getattr(args, option) is not None:
+            raise Refusal(f"argument --{option}: the resolution benchmark takes --resolutions, one image at a time")
+    names = args.implementations or (list(resolution.IMPLEMENTATIONS) if on_gpu else ["transformers", "cvt_fast-eager"])
+    unknown = [n for n in names if n not in resolution.IMPLEMENTATIONS]
+    if unknown:
+        raise Refusal(
+            f"argument --implementations: unknown {', '.join(map(repr, unknown))}; with --resolutions the "
+            f"implementations are {', '.join(resolution.IMPLEMENTATIONS)}"
+        )
+    if "cvt_fast-triton" in names and not on_gpu:
+        raise Refusal(f"argument --implementations: cvt_fast-triton needs a CUDA device (--device is {device})")
+    models = args.models or ["cvt-13"]
+    _check_models(models, args.resolutions, option="--resolutions")
+    dtypes = args.dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
+    cap = resolution.default_cap_bytes() if args.memory_cap_gib is None else int(args.memory_cap_gib * 2**30)
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise Refusal(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
+    print(f"memory cap {cap / 2**30:.1f} GiB per point; a contender over it is not tried at larger sizes", flush=True)
+    resolution.run(models, args.resolutions, dtypes, list(dict.fromkeys(names)), device, cap, args.out)
+    if args.out is not None:
+        written = [args.out / f"resolution.{ext}" for ext in ("jsonl", "json", "md", "png")]
+        print("results written to " + ", ".join(str(p) for p in written if p.exists()))
+    return 0
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def _implementations(requested: list[str] | None, device) -> list[str]:
@@ -213,7 +262,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
     return chosen
 
 
-def _check_models(models: list[str], sizes: list[int]) -> None:
+def _check_models(models: list[str], sizes: list[int], option: str = "--sizes") -> None:
     """Every --models entry names a preset or a config file, and every --sizes entry suits every model."""
     from .checks import check_image_size
     from .config import CvtConfig
@@ -232,7 +281,7 @@ def _check_models(models: list[str], sizes: list[int]) -> None:
             try:
                 check_image_size(config, size, size)
             except ValueError as error:
-                raise Refusal(f"argument --sizes: {size} does not suit {name}: {error}") from None
+                raise Refusal(f"argument {option}: {size} does not suit {name}: {error}") from None
 
 
 def _print_ratios(records: list) -> None:
@@ -284,6 +333,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--rounds", type=_at_least_one, default=5, help="interleaved timing rounds on the CPU")
     bench.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md, bench.png")
+    bench.add_argument(
+        "--resolutions",
+        nargs="+",
+        type=_at_least_one,
+        help="instead: memory and time against image size, e.g. 224 512 1024 2048 (one image, fresh process per "
+        "point on the CPU)",
+    )
+    bench.add_argument(
+        "--memory-cap-gib", type=_positive_number, default=None, help="with --resolutions: the most a point may use"
+    )
     bench.set_defaults(func=_bench)
     return parser
 

@@ -106,6 +106,8 @@ class CvtConfig:
         problem_type: str | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
         **kwargs: Any,
     ):
         self.num_channels = num_channels
@@ -134,6 +136,10 @@ class CvtConfig:
         self.problem_type = problem_type
         self.output_hidden_states = output_hidden_states
         self.return_dict = return_dict
+        # Which stages CvtBackbone returns, as transformers' backbones take them: names from stage_names
+        # ("stage1".."stageN"; CvT has no stem), or their indices; either aligns the other. None: the last stage.
+        self.out_features = list(out_features) if isinstance(out_features, tuple) else out_features
+        self.out_indices = list(out_indices) if isinstance(out_indices, tuple) else out_indices
 
         if id2label is not None:
             self.id2label = _label_names(id2label)
@@ -168,6 +174,29 @@ class CvtConfig:
         return len(self.depth)
 
     @property
+    def stage_names(self) -> list[str]:
+        return [f"stage{i + 1}" for i in range(self.num_stages)]
+
+    def backbone_stages(self) -> tuple[list[str], list[int]]:
+        """(out_features, out_indices) aligned with each other: what CvtBackbone returns (default: the last
+        stage). Negative indices count from the end, as in transformers."""
+        names = self.stage_names
+        if self.out_features is not None:
+            return list(self.out_features), [names.index(name) for name in self.out_features]
+        if self.out_indices is not None:
+            indices = [i % len(names) for i in self.out_indices]
+            return [names[i] for i in indices], indices
+        return [names[-1]], [len(names) - 1]
+
+    def stage_strides(self) -> list[int]:
+        """Pixels per token side at each stage's output: the running product of the patch-embedding strides."""
+        strides, stride = [], 1
+        for s in self.patch_stride[: self.num_stages]:
+            stride *= s
+            strides.append(stride)
+        return strides
+
+    @property
     def total_stride(self) -> int:
         """Pixels per token side in the last stage: the product of the patch-embedding strides."""
         stride = 1
@@ -199,6 +228,40 @@ class CvtConfig:
         for name in ("output_hidden_states", "return_dict"):
             if getattr(self, name) not in (True, False):  # 0 and 1 pass too, as transformers takes them
                 raise ConfigError(f"{name} must be true or false, got {describe_value(getattr(self, name))}")
+        self._check_backbone_stages()
+
+    def _check_backbone_stages(self) -> None:
+        """transformers' rules for a backbone's out_features / out_indices, with the same messages' content."""
+        names, features, indices = self.stage_names, self.out_features, self.out_indices
+        if features is not None:
+            if not isinstance(features, list) or not all(isinstance(f, str) for f in features) or not features:
+                raise ConfigError(
+                    f"out_features must be a non-empty list of stage names, got {describe_value(features)}"
+                )
+            unknown = [f for f in features if f not in names]
+            if unknown:
+                raise ConfigError(f"out_features {features}: {unknown} are not stages; the stages are {names}")
+            if len(set(features)) != len(features):
+                raise ConfigError(f"out_features must not contain duplicates, got {features}")
+            if features != [n for n in names if n in features]:
+                raise ConfigError(f"out_features must follow the stages' order {names}, got {features}")
+        if indices is not None:
+            if not isinstance(indices, list) or not all(_is_integer(i) for i in indices) or not indices:
+                raise ConfigError(
+                    f"out_indices must be a non-empty list of stage indices, got {describe_value(indices)}"
+                )
+            if any(not -len(names) <= i < len(names) for i in indices):
+                raise ConfigError(f"out_indices {indices}: each must index one of the {len(names)} stages {names}")
+            positive = [i % len(names) for i in indices]
+            if len(set(positive)) != len(positive):
+                raise ConfigError(f"out_indices must not contain duplicates, got {indices} (stages {positive})")
+            if positive != sorted(positive):
+                raise ConfigError(f"out_indices must follow the stages' order, got {indices} (stages {positive})")
+        if features is not None and indices is not None:
+            if features != [names[i % len(names)] for i in indices]:
+                raise ConfigError(
+                    f"out_features {features} and out_indices {indices} name different stages; give one of them"
+                )
 
     def _check_stage_count(self) -> int:
         for name in STAGE_PARAMETERS:  # also after attribute assignment, which bypasses _stage_list
@@ -275,6 +338,8 @@ class CvtConfig:
             out["output_hidden_states"] = True
         if not self.return_dict:
             out["return_dict"] = False
+        if self.out_features is not None or self.out_indices is not None:  # aligned, as transformers writes them
+            out["out_features"], out["out_indices"] = self.backbone_stages()
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
@@ -297,6 +362,11 @@ class CvtConfig:
         """Set attributes (keys this class does not know are kept with the rest of config.json), then validate.
         A refused value leaves the config as it was."""
         candidate = self.copy()
+        # Setting one of a backbone's out_features / out_indices re-aligns the other, as transformers does.
+        if "out_features" in values and "out_indices" not in values:
+            candidate.out_indices = None
+        if "out_indices" in values and "out_features" not in values:
+            candidate.out_features = None
         for key, value in values.items():
             if key in STAGE_PARAMETERS:
                 value = _stage_list(key, value)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from . import ops
+from .checkpointing import checked_checkpoint_kwargs, checkpointed_call
 from .checks import check_labels, check_pixel_values
 from .config import CvtConfig
 from .dispatch import prepare_backend, resolve_backend
@@ -266,6 +267,7 @@ class CvtStage(nn.Module):
     def __init__(self, config: CvtConfig, stage: int, backend: str = "auto"):
         super().__init__()
         self.stage = stage
+        self.gradient_checkpointing: dict | None = None  # torch checkpoint kwargs while enabled
         embed_dim = config.embed_dim[stage]
         if config.cls_token[stage]:
             # (transformers sizes this by embed_dim[-1], which breaks a cls token on any stage but the last.)
@@ -308,8 +310,12 @@ class CvtStage(nn.Module):
         if self.cls_token is not None:
             cls = self.cls_token.expand(hidden_state.shape[0], -1, -1)
             hidden_state = torch.cat((cls, hidden_state), dim=1)  # (B, 1 + H*W, C)
+        checkpointing = self.gradient_checkpointing is not None and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden_state = layer(hidden_state, height, width)
+            if checkpointing:  # activations recomputed in backward, one layer at a time
+                hidden_state = checkpointed_call(layer, hidden_state, height, width, **self.gradient_checkpointing)
+            else:
+                hidden_state = layer(hidden_state, height, width)
         cls_token, tokens = ops.split_cls(hidden_state, self.cls_token is not None)
         return ops.tokens_to_grid(tokens, height, width), cls_token  # (B, C, H, W) view, (B, 1, C) or None
 
@@ -349,6 +355,7 @@ class CvtPreTrainedModel(nn.Module):
 
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: CvtConfig, backend: str | None = None):
         super().__init__()
@@ -370,6 +377,24 @@ class CvtPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, CvtSelfAttention):
                 module.backend = self._backend
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them (training memory per
+        stage drops to one layer's activations), as transformers' models offer. BatchNorm statistics, outputs and
+        gradients are those of the same step without it."""
+        kwargs = checked_checkpoint_kwargs(gradient_checkpointing_kwargs)
+        for module in self.modules():
+            if isinstance(module, CvtStage):
+                module.gradient_checkpointing = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, CvtStage):
+                module.gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(isinstance(m, CvtStage) and m.gradient_checkpointing is not None for m in self.modules())
 
     def kernel_paths(self) -> dict[str, dict[str, str]]:
         """Which path each attention layer's fused ops took in the last forward (see kernel_paths)."""

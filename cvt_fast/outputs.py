@@ -53,3 +53,13 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, num_labels)
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    """transformers' BackboneOutput fields, plus the chosen stages' cls tokens when asked for."""
+
+    feature_maps: tuple[torch.Tensor, ...] | None = None  # one (B, C_s, H_s, W_s) per out_features stage
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # every stage's map, with output_hidden_states
+    attentions: None = None  # CvT's flash attention never materialises attention probabilities
+    cls_tokens: tuple[torch.Tensor | None, ...] | None = None  # (B, 1, C_s) per out_features stage, None without one

@@ -1,0 +1,325 @@
+"""Memory and time against image size: `cvt-fast bench --resolutions 224 512 1024 2048`.
+
+CvT has no position embedding, so it runs at any size, and there transformers' attention, which materialises every
+score matrix (at 1024 px, CvT-13's first stage attends 65,536 queries to 16,384 keys per image: 4.3 GB of float32
+scores), runs out of memory long before cvt_fast's flash-style attention does. This measures it: for each
+implementation and dtype, one forward pass (batch 1, random weights, a seeded image) per size, from the smallest up:
+
+  CPU   each point in a fresh process (`python -m cvt_fast.resolution --worker`), its peak resident memory during
+        the forward (VmHWM, reset just before it) over what it held before; a watchdog kills a point whose memory
+        passes the cap (--memory-cap-gib, default 60% of the memory available at the start).
+  GPU   in this process, torch.cuda.max_memory_allocated over what was allocated before; out of memory is caught.
+
+A point that runs out of memory or passes the cap is recorded as such, and larger sizes of that contender are not
+tried. Beside each point: the max logit error against the float32 reference at that size (transformers when it
+ran, else cvt_fast eager in float32). Results: JSONL appended point by point, JSON, markdown and a plot (memory
+and time against pixels, log scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+IMPLEMENTATIONS = ("transformers", "cvt_fast-eager", "cvt_fast-triton")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Point:
+    device: str
+    model: str
+    implementation: str
+    dtype: str
+    resolution: int
+    pixels: int
+    status: str  # "ok", "out of memory", "over the memory cap (N GiB)", "skipped: ...", "error: ..."
+    seconds: float | None = None
+    peak_mem_bytes: int | None = None
+    max_err: float | None = None  # max |logits - float32 reference| at this size
+    reference: str | None = None
+
+
+# ---- one forward pass ---------------------------------------------------------------------------------------
+
+
+def build(model_name: str, implementation: str, dtype: torch.dtype, device: torch.device):
+    """The contender as a function of pixel_values -> logits, on `device` in `dtype`, random weights (seed 0)."""
+    from .config import PRESETS, CvtConfig
+    from .modeling import CvtForImageClassification
+    from .testing import randomize_
+
+    config = PRESETS[model_name].config() if model_name in PRESETS else CvtConfig.from_pretrained(model_name)
+    base = randomize_(CvtForImageClassification(config, backend="eager").eval(), torch.Generator().manual_seed(0))
+    if implementation == "transformers":
+        import transformers
+
+        hf_config = transformers.CvtConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+        model = transformers.CvtForImageClassification(hf_config)
+        model.load_state_dict(base.state_dict())
+    else:
+        model = base
+        model.set_backend("eager" if implementation == "cvt_fast-eager" else "triton")
+    model = model.eval().to(device=device, dtype=dtype)
+    return lambda x: model(x).logits, config.num_channels
+
+
+def image(num_channels: int, size: int) -> torch.Tensor:
+    return torch.randn(1, num_channels, size, size, generator=torch.Generator().manual_seed(size))
+
+
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _timed(fn: Callable[[], object], budget_s: float = 2.0, at_most: int = 3) -> float:
+    """Median seconds of fn() over up to `at_most` calls, stopping once `budget_s` is spent (at 2048 px a CPU
+    forward takes seconds)."""
+    times: list[float] = []
+    while len(times) < at_most and sum(times) < budget_s:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def worker(spec: dict) -> dict:
+    """One CPU point, in its own process: build, warm up small, then a first forward at the size (its peak
+    resident memory over what the process held before it), then the timed ones."""
+    torch.manual_seed(0)
+    fn, channels = build(spec["model"], spec["implementation"], DTYPES[spec["dtype"]], torch.device("cpu"))
+    dtype = DTYPES[spec["dtype"]]
+    x = image(channels, spec["resolution"]).to(dtype)
+    with torch.inference_mode():
+        fn(image(channels, 64).to(dtype))  # thread pools, first-call setup
+        before = _status_kib("VmRSS")
+        try:  # reset the peak to the present, so VmHWM afterwards is this forward's own peak
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        logits = fn(x)
+        peak = _status_kib("VmHWM")
+        seconds = _timed(lambda: fn(x))
+    torch.save(logits.double(), spec["logits_path"])
+    return {"seconds": seconds, "peak_mem_bytes": None if peak is None else max(0, peak - before) * 1024}
+
+
+def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | None, str]:
+    """(result, status): the worker in a fresh process, killed if its resident memory passes the cap."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvt_fast.resolution", "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    over_cap = threading.Event()
+
+    def watch():
+        while process.poll() is None:
+            rss = _status_kib("VmRSS", process.pid)
+            if rss is not None and rss * 1024 > cap_bytes:
+                over_cap.set()
+                process.kill()
+                return
+            time.sleep(0.02)
+
+    watchdog = threading.Thread(target=watch, daemon=True)
+    watchdog.start()
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return None, f"error: over the {timeout_s:.0f} s time limit"
+    watchdog.join()
+    if over_cap.is_set():
+        return None, f"over the memory cap ({cap_bytes / 2**30:.1f} GiB)"
+    if process.returncode != 0:
+        if "out of memory" in err.lower() or process.returncode == -9:
+            return None, "out of memory"
+        return None, "error: " + (err.strip().splitlines() or [f"exit status {process.returncode}"])[-1][:300]
+    return json.loads(out.strip().splitlines()[-1]), "ok"
+
+
+def _gpu_point(spec: dict, device: torch.device, cap_bytes: int) -> tuple[dict | None, str, torch.Tensor | None]:
+    dtype = DTYPES[spec["dtype"]]
+    try:
+        fn, channels = build(spec["model"], spec["implementation"], dtype, device)
+        x = image(channels, spec["resolution"]).to(device, dtype)
+        with torch.inference_mode():
+            fn(image(channels, 64).to(device, dtype))
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                logits = fn(x)
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    except torch.cuda.OutOfMemoryError:
+        return None, "out of memory", None
+    finally:
+        torch.cuda.empty_cache()
+    if peak > cap_bytes:
+        return None, f"over the memory cap ({cap_bytes / 2**30:.1f} GiB)", None
+    return {"seconds": sorted(times)[1], "peak_mem_bytes": peak}, "ok", logits.double().cpu()
+
+
+# ---- the sweep ----------------------------------------------------------------------------------------------
+
+
+def default_cap_bytes() -> int:
+    """60% of the memory available now (CPU), or of the GPU's memory; 8 GiB where neither can be read."""
+    if torch.cuda.is_available():
+        return int(0.6 * torch.cuda.get_device_properties(0).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(0.6 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def run(
+    models: list[str],
+    resolutions: list[int],
+    dtypes: list[str],
+    implementations: list[str],
+    device: torch.device,
+    cap_bytes: int,
+    out_dir: Path | None = None,
+    progress: Callable[[str], None] = print,
+    timeout_s: float = 1800,
+) -> list[Point]:
+    resolutions = sorted(set(resolutions))
+    points: list[Point] = []
+    jsonl = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jsonl = out_dir / "resolution.jsonl"
+        jsonl.write_text("")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory() as scratch:
+        for model in models:
+            references: dict[int, tuple[str, torch.Tensor]] = {}  # size -> float32 logits
+            order = sorted(implementations, key=lambda n: n != "transformers")  # the reference first
+            for implementation in order:
+                for dtype in sorted(dtypes, key=lambda d: d != "float32"):
+                    stopped = None
+                    for size in resolutions:
+                        point = Point(device_name, model, implementation, dtype, size, size * size, "ok")
+                        if stopped:
+                            point.status = f"skipped: {stopped}"
+                        else:
+                            progress(f"{model} {implementation} {dtype} {size}px")
+                            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size)
+                            spec["logits_path"] = str(Path(scratch) / f"{implementation}-{dtype}-{size}.pt")
+                            if device.type == "cuda":
+                                result, point.status, logits = _gpu_point(spec, device, cap_bytes)
+                            else:
+                                result, point.status = _run_worker(spec, cap_bytes, timeout_s)
+                                logits = torch.load(spec["logits_path"]) if result else None
+                            if result:
+                                point.seconds, point.peak_mem_bytes = result["seconds"], result["peak_mem_bytes"]
+                                if dtype == "float32" and size not in references:
+                                    references[size] = (f"{implementation} float32", logits)
+                                    point.reference = "(the reference)"
+                                elif size in references:
+                                    point.reference, reference = references[size]
+                                    point.max_err = (logits - reference).abs().max().item()
+                            elif point.status != "ok" and not point.status.startswith("error"):
+                                stopped = f"{point.status} at {size}px"
+                        points.append(point)
+                        if jsonl is not None:
+                            with jsonl.open("a") as f:
+                                f.write(json.dumps(asdict(point)) + "\n")
+                        if not point.status.startswith("skipped"):
+                            progress(describe(point))
+    if out_dir is not None:
+        (out_dir / "resolution.json").write_text(json.dumps([asdict(p) for p in points], indent=1) + "\n")
+        (out_dir / "resolution.md").write_text(markdown(points))
+        plot(points, out_dir / "resolution.png")
+    return points
+
+
+def describe(p: Point) -> str:
+    where = f"{p.model} {p.implementation} {p.dtype} {p.resolution}px"
+    if p.status != "ok":
+        return f"{where}: {p.status}"
+    mem = f"{p.peak_mem_bytes / 2**30:.2f} GiB" if p.peak_mem_bytes is not None else "? GiB"
+    err = f", max err {p.max_err:.1e} vs {p.reference}" if p.max_err is not None and p.reference else ""
+    return f"{where}: {p.seconds:.2f} s, +{mem}{err}"
+
+
+def markdown(points: list[Point]) -> str:
+    lines = ["| model | implementation | dtype | size | time | peak memory | max err | reference |", "|---" * 8 + "|"]
+    for p in points:
+        if p.status == "ok":
+            mem = f"+{p.peak_mem_bytes / 2**30:.2f} GiB" if p.peak_mem_bytes is not None else "-"
+            err = f"{p.max_err:.1e}" if p.max_err is not None else "-"
+            cells = [p.model, p.implementation, p.dtype, p.resolution, f"{p.seconds:.2f} s", mem, err, p.reference]
+        else:
+            cells = [p.model, p.implementation, p.dtype, p.resolution, p.status, "-", "-", "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[Point], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (memory, seconds) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({(p.model, p.implementation, p.dtype) for p in points}):
+        ok = [p for p in points if (p.model, p.implementation, p.dtype) == key and p.status == "ok"]
+        if not ok:
+            continue
+        label = " ".join(key)
+        memory.plot([p.pixels for p in ok], [max(p.peak_mem_bytes or 1, 1) / 2**20 for p in ok], "o-", label=label)
+        seconds.plot([p.pixels for p in ok], [p.seconds for p in ok], "o-", label=label)
+    for ax, ylabel in ((memory, "peak memory of the forward (MiB)"), (seconds, "seconds per image")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels (H x W)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one point of the resolution benchmark (used by it)")
+    parser.add_argument("--worker", required=True, help="the point, as JSON")
+    args = parser.parse_args(argv)
+    print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
