@@ -5,6 +5,8 @@
                                                                transformers, float32 and bfloat16 -> parity.json
   python bench/gpu_session.py models  --out DIR [--rehearse]   cvt-13 at 224, bfloat16, batch 256 and 1, every
                                                                contender of `cvt-fast bench` -> models.jsonl
+  python bench/gpu_session.py resolution --out DIR [--rehearse]  memory and time against image size, 224 to
+                                                               2048 px, float32 and bfloat16 -> resolution.jsonl
   python bench/gpu_session.py summary --out DIR                a short table of everything, against the targets
 
 --rehearse runs each stage on the CPU at tiny sizes (kernels in Triton's interpreter, float32 where bfloat16 is
@@ -189,6 +191,25 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
             bench_case(model, size, batch, dtype, implementations, device, 1, lambda m: print(m, flush=True), on_record)
 
 
+# ---- resolution ---------------------------------------------------------------------------------------------
+
+
+def stage_resolution(out: Path, rehearse: bool) -> None:
+    """cvt_fast.resolution: transformers, cvt_fast eager and triton, float32 and bfloat16, 224 to 2048 px."""
+    from cvt_fast import resolution
+
+    with tempfile.TemporaryDirectory() as folder:
+        if rehearse:  # CPU points in fresh processes, as `cvt-fast bench --resolutions` runs them there
+            session_config(rehearse).save_pretrained(folder)
+            models, sizes, dtypes = [folder], [32, 48], ["float32"]
+            implementations, device = ["transformers", "cvt_fast-eager"], torch.device("cpu")
+        else:
+            models, sizes, dtypes = ["cvt-13"], [224, 512, 1024, 2048], ["float32", "bfloat16"]
+            implementations, device = list(resolution.IMPLEMENTATIONS), torch.device("cuda")
+        resolution.run(models, sizes, dtypes, implementations, device, resolution.default_cap_bytes(),
+                       jsonl=out / "resolution.jsonl", progress=lambda m: print(m, flush=True))  # fmt: skip
+
+
 # ---- summary ------------------------------------------------------------------------------------------------
 
 
@@ -298,6 +319,26 @@ def summarize_models(records: list[dict]) -> list[str]:
     return lines
 
 
+def summarize_resolution(records: list[dict]) -> list[str]:
+    lines = ["| implementation | dtype | " + " | ".join(f"{r} px" for r in sorted({p["resolution"] for p in records}))
+             + " |"]  # fmt: skip
+    sizes = sorted({p["resolution"] for p in records})
+    lines.append("|---|---|" + "---|" * len(sizes))
+    for key in dict.fromkeys((p["implementation"], p["dtype"]) for p in records):
+        cells = []
+        for size in sizes:
+            p = next((p for p in records if (p["implementation"], p["dtype"], p["resolution"]) == (*key, size)), None)
+            if p is None:
+                cells.append("-")
+            elif p["status"] == "ok":
+                mem = p["peak_mem_bytes"] / 2**30 if p["peak_mem_bytes"] is not None else float("nan")
+                cells.append(f"{p['seconds'] * 1e3:.0f} ms, {mem:.2f} GiB")
+            else:
+                cells.append(p["status"].split(":")[0])
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def stage_summary(out: Path) -> None:
     lines = ["# GPU session summary", ""]
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
@@ -322,6 +363,9 @@ def stage_summary(out: Path) -> None:
     lines += ["", "## kernels (table config against baselines and the best candidate)"]
     lines += summarize_kernels(read_jsonl(out / "kernels.jsonl"))
     lines += ["", "## models (cvt-13, 224 px)"] + summarize_models(read_jsonl(out / "models.jsonl"))
+    lines += ["", "## memory and time against image size (batch 1)"] + summarize_resolution(
+        read_jsonl(out / "resolution.jsonl")
+    )
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text, flush=True)
@@ -329,7 +373,7 @@ def stage_summary(out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["env", "parity", "models", "summary"])
+    parser.add_argument("stage", choices=["env", "parity", "models", "resolution", "summary"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rehearse", action="store_true")
     parser.add_argument("--budget-s", type=float, default=float("inf"))
@@ -341,6 +385,8 @@ def main(argv=None) -> int:
         stage_parity(args.out, args.rehearse)
     elif args.stage == "models":
         stage_models(args.out, args.rehearse, args.budget_s)
+    elif args.stage == "resolution":
+        stage_resolution(args.out, args.rehearse)
     else:
         stage_summary(args.out)
     return 0

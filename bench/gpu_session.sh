@@ -9,8 +9,9 @@
 #   env       device, driver, versions, SM count, L2; measured copy bandwidth and bf16 matmul rate  -> env.json
 #   tests     every gpu-marked test                                                               -> tests.log
 #   parity    the whole model, backend "triton", against transformers on the device              -> parity.json
-#   kernels   bench/kernels.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl/md
+#   kernels   bench/kernels.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl
 #   models    cvt-13 224 px bf16, batch 256 and 1, every contender of `cvt-fast bench`        -> models.jsonl
+#   resolution memory and time against image size, 224 to 2048 px                           -> resolution.jsonl
 #   summary   a short table of everything against the targets, last on stdout                 -> summary.md
 # Every stage appends its results as they come; session.log has everything printed. 8 files in all, one folder.
 # Exit status 1 when any stage failed or ran out of time (the others still ran, and the summary says which).
@@ -66,14 +67,16 @@ if [ "$REHEARSE" = 0 ]; then
   log "install"
   python3 -m pip install --quiet --no-deps --no-build-isolation -e . >>"$OUT/session.log" 2>&1 || log "install failed"
 fi
-stage env 5 python3 bench/gpu_session.py env --out "$OUT" "${MODE[@]}"
+stage env 4 python3 bench/gpu_session.py env --out "$OUT" "${MODE[@]}"
 # The tests' own output goes to tests.log whole; session.log keeps the tail.
-stage tests 28 bash -c "python3 -m pytest -q -m gpu tests -p no:cacheprovider >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/tests.log'; exit \$rc"
-stage parity 7 python3 bench/gpu_session.py parity --out "$OUT" "${MODE[@]}"
-KERNELS_LIMIT=$((BUDGET * 30 / 100))
-stage kernels 30 python3 bench/kernels.py --sweep --out "$OUT" --budget-s $((KERNELS_LIMIT - 30)) "${MODE[@]}"
-MODELS_LIMIT=$((BUDGET * 26 / 100))
-stage models 26 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
+stage tests 26 bash -c "python3 -m pytest -q -m gpu tests -p no:cacheprovider >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/tests.log'; exit \$rc"
+stage parity 6 python3 bench/gpu_session.py parity --out "$OUT" "${MODE[@]}"
+KERNELS_LIMIT=$((BUDGET * 28 / 100))
+stage kernels 28 python3 bench/kernels.py --sweep --out "$OUT" --no-markdown --budget-s $((KERNELS_LIMIT - 30)) \
+  "${MODE[@]}"
+MODELS_LIMIT=$((BUDGET * 24 / 100))
+stage models 24 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
+stage resolution 9 python3 bench/gpu_session.py resolution --out "$OUT" "${MODE[@]}"
 log "summary (whole session $(($(date +%s) - START))s)"
 python3 bench/gpu_session.py summary --out "$OUT" 2>&1 | tee -a "$OUT/session.log"
 [ "${PIPESTATUS[0]}" = 0 ] || FAILED_STAGES+=(summary)

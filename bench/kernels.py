@@ -350,6 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rehearse", action="store_true", help="CPU, Triton interpreter, tiny shapes, no timing")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="folder for kernels.jsonl and kernels.md")
+    parser.add_argument("--no-markdown", action="store_true", help="kernels.jsonl only (the GPU session's summary)")
     args = parser.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = ["bfloat16", "float16"] + (["float32"] if args.sweep else [])
@@ -374,7 +375,7 @@ def main(argv=None) -> int:
             break
         run_case = conv_case if op == "qkv_projection" else attention_case
         run_case(session, key, shape, DTYPES[dtype_name], batch, sweep)
-    if args.out:
+    if args.out and not args.no_markdown:
         (args.out / "kernels.md").write_text(markdown(session.records))
     return 0
 

@@ -157,13 +157,13 @@ def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | No
     return json.loads(out.strip().splitlines()[-1]), "ok"
 
 
-def _gpu_point(spec: dict, device: torch.device, cap_bytes: int) -> tuple[dict | None, str, torch.Tensor | None]:
-    dtype = DTYPES[spec["dtype"]]
+def _gpu_point(fn: Callable, channels: int, size: int, dtype: torch.dtype, device: torch.device, cap_bytes: int):
+    """(result, status, logits) of one GPU point: the forward's peak allocation over what was allocated before,
+    and the median of three timed forwards."""
+    x = image(channels, size).to(device, dtype)
     try:
-        fn, channels = build(spec["model"], spec["implementation"], dtype, device)
-        x = image(channels, spec["resolution"]).to(device, dtype)
         with torch.inference_mode():
-            fn(image(channels, 64).to(device, dtype))
+            fn(image(channels, 64).to(device, dtype))  # first-call setup (Triton's JIT, cuDNN plans) outside
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -201,6 +201,34 @@ def default_cap_bytes() -> int:
     return 8 * 2**30
 
 
+def _contender_points(model, implementation, dtype, resolutions, device, cap_bytes, scratch, timeout_s, progress):
+    """(point, logits) for each size in turn; after one runs out of memory or over the cap, the rest are skipped."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu_model = None
+    if device.type == "cuda":  # one model for every size (a CPU point builds its own, in its own process)
+        gpu_model = build(model, implementation, DTYPES[dtype], device)
+    stopped = None
+    for size in resolutions:
+        point = Point(device_name, model, implementation, dtype, size, size * size, "ok")
+        if stopped:
+            point.status = f"skipped: {stopped}"
+            yield point, None
+            continue
+        progress(f"{model} {implementation} {dtype} {size}px")
+        if gpu_model is not None:
+            result, point.status, logits = _gpu_point(*gpu_model, size, DTYPES[dtype], device, cap_bytes)
+        else:
+            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size)
+            spec["logits_path"] = str(Path(scratch) / f"{implementation}-{dtype}-{size}.pt")
+            result, point.status = _run_worker(spec, cap_bytes, timeout_s)
+            logits = torch.load(spec["logits_path"]) if result else None
+        if result:
+            point.seconds, point.peak_mem_bytes = result["seconds"], result["peak_mem_bytes"]
+        elif not point.status.startswith("error"):  # out of memory, over the cap: larger sizes would be too
+            stopped = f"{point.status} at {size}px"
+        yield point, logits
+
+
 def run(
     models: list[str],
     resolutions: list[int],
@@ -211,45 +239,32 @@ def run(
     out_dir: Path | None = None,
     progress: Callable[[str], None] = print,
     timeout_s: float = 1800,
+    jsonl: Path | None = None,
 ) -> list[Point]:
+    """Every (model, implementation, dtype) from the smallest size up; the float32 reference of each size is the
+    first float32 contender that ran there (transformers goes first). Each point is appended to `jsonl` (default
+    out_dir/resolution.jsonl) as it is measured; out_dir also gets resolution.json, .md and .png at the end."""
     resolutions = sorted(set(resolutions))
-    points: list[Point] = []
-    jsonl = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = out_dir / "resolution.jsonl"
+        jsonl = jsonl or out_dir / "resolution.jsonl"
+    if jsonl is not None:
         jsonl.write_text("")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    points: list[Point] = []
     with tempfile.TemporaryDirectory() as scratch:
         for model in models:
-            references: dict[int, tuple[str, torch.Tensor]] = {}  # size -> float32 logits
-            order = sorted(implementations, key=lambda n: n != "transformers")  # the reference first
-            for implementation in order:
+            references: dict[int, tuple[str, torch.Tensor]] = {}  # size -> (name, float32 logits)
+            for implementation in sorted(implementations, key=lambda n: n != "transformers"):
                 for dtype in sorted(dtypes, key=lambda d: d != "float32"):
-                    stopped = None
-                    for size in resolutions:
-                        point = Point(device_name, model, implementation, dtype, size, size * size, "ok")
-                        if stopped:
-                            point.status = f"skipped: {stopped}"
-                        else:
-                            progress(f"{model} {implementation} {dtype} {size}px")
-                            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size)
-                            spec["logits_path"] = str(Path(scratch) / f"{implementation}-{dtype}-{size}.pt")
-                            if device.type == "cuda":
-                                result, point.status, logits = _gpu_point(spec, device, cap_bytes)
-                            else:
-                                result, point.status = _run_worker(spec, cap_bytes, timeout_s)
-                                logits = torch.load(spec["logits_path"]) if result else None
-                            if result:
-                                point.seconds, point.peak_mem_bytes = result["seconds"], result["peak_mem_bytes"]
-                                if dtype == "float32" and size not in references:
-                                    references[size] = (f"{implementation} float32", logits)
-                                    point.reference = "(the reference)"
-                                elif size in references:
-                                    point.reference, reference = references[size]
-                                    point.max_err = (logits - reference).abs().max().item()
-                            elif point.status != "ok" and not point.status.startswith("error"):
-                                stopped = f"{point.status} at {size}px"
+                    for point, logits in _contender_points(
+                        model, implementation, dtype, resolutions, device, cap_bytes, scratch, timeout_s, progress
+                    ):
+                        if logits is not None and dtype == "float32" and point.resolution not in references:
+                            references[point.resolution] = (f"{implementation} float32", logits)
+                            point.reference = "(the reference)"
+                        elif logits is not None and point.resolution in references:
+                            point.reference, reference = references[point.resolution]
+                            point.max_err = (logits - reference).abs().max().item()
                         points.append(point)
                         if jsonl is not None:
                             with jsonl.open("a") as f:

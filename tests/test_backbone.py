@@ -222,3 +222,44 @@ def test_gradient_checkpointing_refuses_reentrant_recomputation():
         model.gradient_checkpointing_enable({"use_reentrant": True})
     model.gradient_checkpointing_enable({"use_reentrant": False})
     assert model.is_gradient_checkpointing
+
+
+def test_the_custom_ops_trace_with_symbolic_shapes():
+    """torch.compile(dynamic=True) through torch.ops.cvt_fast.*: their fake implementations compute the output
+    shapes from symbolic sizes, so a new grid size reuses the graph (on the CPU the ops run the eager reference;
+    on a GPU, the kernels). Checked against the definition, conv then BatchNorm then softmax attention."""
+    import torch.nn.functional as F
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    channels, heads, eps, generator = 64, 2, [1e-5, 1e-3, 1e-4], torch.Generator().manual_seed(0)
+    weights = [torch.randn(channels, 1, 3, 3, generator=generator) for _ in range(3)]
+    norms = [
+        [torch.randn(channels, generator=generator) for _ in range(3)] + [torch.rand(channels, generator=generator)]
+        for _ in range(3)
+    ]  # fmt: skip  (gamma, beta, mean, var) per projection
+    conv = (weights, [t for norm in norms for t in norm], eps, 1, 1, 2, 1)
+
+    def layer(x, height, width):
+        q, k, v = torch.ops.cvt_fast.qkv_projection(x, height, width, True, *conv)
+        return torch.ops.cvt_fast.attention(q, k, v, heads, channels**-0.5)
+
+    def definition(x, height, width):
+        x = x.double()
+        grid = x[:, 1:].transpose(1, 2).reshape(x.shape[0], channels, height, width)
+        projected = []
+        for weight, (gamma, beta, mean, var), e, stride in zip(weights, norms, eps, (1, 2, 2), strict=True):
+            y = F.conv2d(grid, weight.double(), None, stride, 1, groups=channels)
+            y = F.batch_norm(y, mean.double(), var.double(), gamma.double(), beta.double(), False, 0.0, e)
+            projected.append(torch.cat((x[:, :1], y.flatten(2).transpose(1, 2)), 1))
+        q, k, v = (t.unflatten(2, (heads, -1)).transpose(1, 2) for t in projected)
+        out = torch.softmax(q @ k.transpose(-1, -2) * channels**-0.5, -1) @ v
+        return out.transpose(1, 2).flatten(2)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, dynamic=True, fullgraph=True)
+    frames = None
+    for height, width in [(6, 7), (9, 5), (12, 12), (7, 10)]:
+        x = torch.randn(2, 1 + height * width, channels)
+        assert rel_err(compiled(x, height, width), definition(x, height, width)) < 1e-5
+        frames = counter.frame_count if frames is None else frames
+        assert counter.frame_count == frames, f"recompiled for a {height}x{width} grid"

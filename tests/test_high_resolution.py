@@ -104,3 +104,49 @@ def test_flash_attention_reference_is_linear_in_memory_under_autograd():
         out = ops.attention_reference(q, k, v, 1, 0.125)
     out.sum().backward()
     assert max(saved) < 1024 * 256, f"a saved tensor of {max(saved)} elements: a score matrix"
+
+
+def test_gpu_points_measure_cap_and_catch_out_of_memory(monkeypatch, tmp_path):
+    """The GPU path's bookkeeping, run on the CPU with CUDA's memory counters and events stood in for (the GPU
+    session runs it for real)."""
+    import time
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    stand_ins = dict(
+        synchronize=lambda device=None: None,
+        memory_allocated=lambda device=None: 1000,
+        reset_peak_memory_stats=lambda device=None: None,
+        max_memory_allocated=lambda device=None: 1000 + 5 * 2**20,  # the forward's 5 MiB
+        empty_cache=lambda: None,
+        Event=Event,
+    )
+    for name, stand_in in stand_ins.items():
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(depth=[1, 2], embed_dim=[16, 32], num_heads=[1, 2], cls_token=[False, True])))
+    cpu = torch.device("cpu")
+    fn, channels = resolution.build(str(config), "cvt_fast-eager", torch.float32, cpu)
+    result, status, logits = resolution._gpu_point(fn, channels, 48, torch.float32, cpu, 2**30)
+    assert status == "ok" and result["peak_mem_bytes"] == 5 * 2**20 and result["seconds"] > 0
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+    assert resolution._gpu_point(fn, channels, 48, torch.float32, cpu, 2**20)[:2] == (
+        None, "over the memory cap (0.0 GiB)"
+    )  # fmt: skip
+
+    def out_of_memory(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB")
+
+    assert resolution._gpu_point(out_of_memory, channels, 48, torch.float32, cpu, 2**30) == (
+        None,
+        "out of memory",
+        None,
+    )
