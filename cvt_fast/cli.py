@@ -1,4 +1,5 @@
-"""Command line: `cvt-fast classify` (top labels for local images) and `cvt-fast bench` (throughput + errors).
+"""Command line: `cvt-fast classify` (top labels for local images), `cvt-fast bench` (throughput + errors) and
+`cvt-fast export` (ONNX, validated with ONNX Runtime).
 
 Also reachable as `python -m cvt_fast`. A failure the user can cause (an argument, an image, a checkpoint or a config
 file) ends in one line per problem, `cvt-fast <command>: ...`, naming what is wrong and what was expected, and exit
@@ -303,6 +304,32 @@ def _print_ratios(records: list) -> None:
             )
 
 
+# ---- export -------------------------------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import TOLERANCE, export_onnx, load_for_export, require
+
+    require("onnx", "onnxscript", *(["onnxruntime"] if not args.no_validate else []))  # before minutes of work
+    if args.output.is_dir():
+        raise Refusal(f"argument --output: {args.output} is a folder; expected the path of the .onnx file to write")
+    if not args.output.parent.is_dir():
+        raise Refusal(f"argument --output: {args.output.parent} is not a folder to write {args.output.name} in")
+    model = load_for_export(args.model)
+    sizes = ((1, 224, 224), (2, 192, 288))
+    report = export_onnx(model, args.output, attention=args.attention, validate=not args.no_validate,
+                         validation_sizes=sizes)  # fmt: skip
+    print(f"wrote {report.path}: {type(model).__name__} -> {report.output_name}, dynamic batch, height and width; "
+          f"attention as {report.attention}")  # fmt: skip
+    if report.validation:
+        shapes = ", ".join("x".join(map(str, shape)) for shape, _ in report.validation)
+        print(f"ONNX Runtime on random images ({shapes}): max error {report.max_rel_err:.1e} relative to cvt_fast's "
+              f"float32 eager path, within {TOLERANCE:.0e}")  # fmt: skip
+    else:
+        print("not validated (--no-validate)")
+    return 0
+
+
 # ---- main ---------------------------------------------------------------------------------------------------
 
 
@@ -344,6 +371,25 @@ def _parser() -> argparse.ArgumentParser:
         "--memory-cap-gib", type=_positive_number, default=None, help="with --resolutions: the most a point may use"
     )
     bench.set_defaults(func=_bench)
+
+    export = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX, validated with ONNX Runtime",
+        description="Through the eager path, float32, dynamic batch, height and width; checked by ONNX Runtime on "
+        "random images before anything is written.",
+    )
+    export.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
+    export.add_argument(
+        "--attention",
+        default="ort",
+        choices=["ort", "onnx"],
+        help="ort: ONNX Runtime's fused MultiHeadAttention (flash-style on the CPU; default); onnx: the standard "
+        "opset-23 Attention op, for other runtimes",
+    )
+    export.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime check")
+    export.set_defaults(func=_export)
     return parser
 
 
@@ -373,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         lines = _user_error_lines(error)
+        if lines is None and type(error).__name__ == "ExportError":  # an export that failed its own check: say so
+            print(f"{prog}: {error}", file=sys.stderr)
+            return 1
         if lines is None:
             raise
         for line in lines:

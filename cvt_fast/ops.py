@@ -11,8 +11,10 @@ attention:      softmax(q k^T * scale) v per head, heads read by stride from (B,
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -261,6 +263,21 @@ def _attention_fake(q, k, v, num_heads, scale):
 
 # ---- dispatching entry points used by the model --------------------------------------------------------------
 
+# While exporting (cvt_fast.export), the eager path's attention is traced as the one op torch.ops.cvt_fast.attention
+# (whose CPU implementation is attention_reference) instead of SDPA on per-head views, so that the exporter can map
+# it whole onto the runtime's fused attention.
+_attention_as_one_op: ContextVar[bool] = ContextVar("cvt_fast_attention_as_one_op", default=False)
+
+
+@contextlib.contextmanager
+def attention_as_one_op() -> Iterator[None]:
+    token = _attention_as_one_op.set(True)
+    try:
+        yield
+    finally:
+        _attention_as_one_op.reset(token)
+
+
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
 FP32_MAX_HEAD_DIM = 64  # the float32 (tf32x3) kernel spills registers beyond it (kernels/attention.py)
 
@@ -324,6 +341,8 @@ def attention(
     reason = choose_kernel("attention", backend, [q, k, v], training=training, unsupported=unsupported)
     _record(paths, "attention", reason)
     if reason is not None:
+        if _attention_as_one_op.get() and not (training and dropout_p > 0.0):
+            return torch.ops.cvt_fast.attention(q, k, v, num_heads, scale)  # the same reference, as one op
         return attention_reference(q, k, v, num_heads, scale, dropout_p if training else 0.0)
     if q.is_cuda:
         return torch.ops.cvt_fast.attention(q, k, v, num_heads, scale)

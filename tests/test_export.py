@@ -1,0 +1,123 @@
+"""ONNX export: one file takes several batch sizes and image sizes, ONNX Runtime's output is within 1e-4 of both
+cvt_fast and transformers in float32, attention is one fused node per layer (never a Softmax over a score matrix),
+and failures are clear and leave nothing behind. Also the CPU's bfloat16 path against float64."""
+
+import pytest
+import torch
+
+import cvt_fast
+from cvt_fast import cli
+from cvt_fast.testing import randomize_
+
+from helpers import model_pair, rel_err
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+from cvt_fast import export  # noqa: E402
+
+CONFIG = dict(depth=[1, 2], embed_dim=[32, 64], num_heads=[1, 2], cls_token=[False, True], num_labels=4)
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random classifier, saved as a checkpoint and exported once through the command line."""
+    folder = tmp_path_factory.mktemp("export")
+    hf, ours = model_pair(CONFIG)
+    ours.save_pretrained(folder / "checkpoint")
+    path = folder / "model.onnx"
+    assert cli.main(["export", "--model", str(folder / "checkpoint"), "--output", str(path)]) == 0
+    return hf, ours, path
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 48), (3, 3, 97, 131), (2, 3, 40, 200)])
+def test_one_file_takes_any_batch_and_size_within_1e_4_of_cvt_fast_and_transformers(exported, shape):
+    hf, ours, path = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(*shape)
+    actual = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+    with torch.no_grad():
+        assert rel_err(actual, ours(x).logits) < 1e-4
+        assert rel_err(actual, hf(x).logits) < 1e-4
+
+
+def test_attention_is_one_fused_node_per_layer(exported):
+    model = onnx.load(str(exported[2]))
+    nodes = [(n.domain or "", n.op_type) for n in model.graph.node]
+    assert nodes.count(("com.microsoft", "MultiHeadAttention")) == LAYERS
+    assert ("", "Softmax") not in nodes and ("", "Attention") not in nodes  # no score matrix anywhere
+    assert {domain for domain, _ in nodes} <= {"", "com.microsoft"}  # no custom op of cvt_fast's reached the file
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 23), ("com.microsoft", 1)}
+
+
+def test_standard_attention_form_and_the_base_model(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_(cvt_fast.CvtModel(cvt_fast.CvtConfig(**CONFIG))).eval()
+    report = export.export_onnx(
+        model, tmp_path / "base.onnx", attention="onnx", validation_sizes=((1, 48, 48), (2, 64, 80))
+    )
+    assert report.output_name == "last_hidden_state" and report.attention == f"ONNX Attention x {LAYERS}"
+    assert report.max_rel_err < 1e-4 and [shape for shape, _ in report.validation] == [(1, 3, 48, 48), (2, 3, 64, 80)]
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "base.onnx")).graph.node]
+    assert nodes.count("Attention") == LAYERS and "Softmax" not in nodes
+
+
+def test_a_file_that_fails_validation_is_never_written(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = randomize_(cvt_fast.CvtForImageClassification(cvt_fast.CvtConfig(**CONFIG))).eval()
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"a good file from before")
+    monkeypatch.setattr(export, "_validate", lambda path, traced, inputs: [((1, 3, 48, 48), 3e-2)])
+    with pytest.raises(export.ExportError, match="3.0e-02 from cvt_fast's .* over 1e-04: not written"):
+        export.export_onnx(model, target, validation_sizes=((1, 48, 48),))
+    assert target.read_bytes() == b"a good file from before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary file left either
+
+
+def test_missing_onnx_packages_get_one_line(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_onnxscript(name, *args, **kwargs):
+        if name == "onnxscript":
+            raise ImportError("No module named 'onnxscript'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnxscript)
+    assert cli.main(["export", "--model", str(tmp_path), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        "cvt-fast export: ONNX export needs onnxscript: pip install 'cvt-fast[onnx]' (onnx, onnxscript, onnxruntime)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--output", "{tmp}"], "argument --output: {tmp} is a folder; expected the path of the .onnx file to write"),
+        (["--output", "{tmp}/no/m.onnx"], "argument --output: {tmp}/no is not a folder to write m.onnx in"),
+        (["--output", "{tmp}/m.onnx", "--format", "tflite"], "argument --format: invalid choice: 'tflite'"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_status_2(arguments, message, tmp_path, capsys):
+    arguments = [a.format(tmp=tmp_path) for a in arguments]
+    try:
+        status = cli.main(["export", "--model", str(tmp_path), *arguments])
+    except SystemExit as exit:  # argparse's own refusals
+        status = exit.code
+    assert status == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_bfloat16_on_the_cpu_within_the_rule_against_float64():
+    """cvt_fast's eager path in bfloat16 (the fastest CPU path where the CPU has native bfloat16) is as close to
+    float64 as transformers' own bfloat16 model is: at most 2x its error plus the 1e-2 bfloat16 floor."""
+    hf, ours = model_pair(CONFIG)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        reference = hf.double()(x.double()).logits
+        hf_error = rel_err(hf.bfloat16()(x.bfloat16()).logits, reference)
+        logits = ours.bfloat16()(x.bfloat16()).logits
+    assert torch.isfinite(logits).all()
+    assert rel_err(logits, reference) <= 2 * hf_error + 1e-2, (rel_err(logits, reference), hf_error)
