@@ -161,7 +161,7 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
     to models.jsonl as soon as its case finishes."""
     from dataclasses import asdict
 
-    from cvt_fast.benchmark import IMPLEMENTATIONS, bench_case
+    from cvt_fast.benchmark import GPU_DEFAULT, bench_case
 
     deadline = time.monotonic() + budget_s
     with tempfile.TemporaryDirectory() as folder:
@@ -172,7 +172,7 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
             device = torch.device("cpu")
         else:
             cases = [("cvt-13", 224, 256, "bfloat16"), ("cvt-13", 224, 1, "bfloat16")]
-            implementations = list(IMPLEMENTATIONS)
+            implementations = list(GPU_DEFAULT)
             device = torch.device("cuda")
         path = out / "models.jsonl"
         path.write_text("")

@@ -69,6 +69,7 @@ _SUBMODULES = (
     "cli",
     "config",
     "dispatch",
+    "export",
     "image_processing",
     "kernels",
     "loading",
@@ -76,6 +77,7 @@ _SUBMODULES = (
     "ops",
     "outputs",
     "patching",
+    "resolution",
     "testing",
 )
 

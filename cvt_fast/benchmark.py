@@ -9,9 +9,11 @@ gives the same weights to every contender, and times them on the same inputs:
                               cvt_fast, whose weights are in the dtype (skipped in float32, where it is the above)
   transformers-compile        the same under torch.compile
   cvt_fast-eager              cvt_fast with backend="eager"
+  cvt_fast-eager-compile      the same under torch.compile(fullgraph=True) (the CPU's compiled path)
   cvt_fast-triton             cvt_fast with backend="triton" (CUDA only)
   cvt_fast-triton-compile     the same under torch.compile(fullgraph=True)
   cvt_fast-triton-cudagraph   cvt_fast-triton captured in a CUDA graph (one launch per forward)
+  onnxruntime                 ONNX Runtime (CPU) on cvt_fast's float32 ONNX export (float32 cases only)
 
 The reference is the float32 eager model (transformers' when installed, else cvt_fast's); max_err is the largest
 absolute logit difference from it, and ref64_err the reference's own distance from float64 (on two images), for
@@ -45,10 +47,23 @@ IMPLEMENTATIONS = (
     "transformers-eager-cast",
     "transformers-compile",
     "cvt_fast-eager",
+    "cvt_fast-eager-compile",
+    "cvt_fast-triton",
+    "cvt_fast-triton-compile",
+    "cvt_fast-triton-cudagraph",
+    "onnxruntime",
+)
+# What runs when --implementations is not given.
+GPU_DEFAULT = (
+    "transformers-eager",
+    "transformers-eager-cast",
+    "transformers-compile",
+    "cvt_fast-eager",
     "cvt_fast-triton",
     "cvt_fast-triton-compile",
     "cvt_fast-triton-cudagraph",
 )
+CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "cvt_fast-eager-compile", "onnxruntime")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,7 +105,13 @@ def _versions() -> dict[str, str | None]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    bf16 = cpu_native_bfloat16()
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    native = f"native bfloat16: {bf16}" if bf16 else "no native bfloat16"
+    return f"cpu ({name}, {torch.get_num_threads()} threads, {native})"
 
 
 def _transformers_model(cvt_model: CvtForImageClassification):
@@ -136,9 +157,11 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
 
         # Static shapes: compiled once for this shape, never recompiled as "dynamic" after a change of shape.
         fn = torch.compile(run, dynamic=False) if name.endswith("compile") else run
+    elif name == "onnxruntime":
+        fn = _onnxruntime(base)
     else:
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
-        model.set_backend("eager" if name == "cvt_fast-eager" else "triton")
+        model.set_backend("eager" if name.startswith("cvt_fast-eager") else "triton")
 
         def run(x, model=model):
             return model(x).logits
@@ -147,6 +170,33 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
         if name.endswith("cudagraph"):
             fn = _cuda_graphed(run, x)
     return fn
+
+
+def _onnxruntime(base) -> Callable:
+    """An ONNX Runtime session on cvt_fast's float32 export of `base`, with as many threads as torch uses."""
+    import tempfile
+
+    import onnxruntime
+
+    from .export import export_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(base, path, validate=False)  # the benchmark measures the error itself
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.float().numpy()})[0])
+
+
+def cpu_native_bfloat16() -> str | None:
+    """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    return " and ".join(found) or None
 
 
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
@@ -229,6 +279,8 @@ def bench_case(
     for name in implementations:
         if name == "transformers-eager-cast" and dtype == torch.float32:
             continue  # the same as transformers-eager
+        if name == "onnxruntime" and (dtype != torch.float32 or device.type != "cpu"):
+            continue  # the export is float32, and runs on ONNX Runtime's CPU provider
         progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
         try:
             if device.type == "cuda":

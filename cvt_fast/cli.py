@@ -159,7 +159,7 @@ def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmark import run
+    from .benchmark import cpu_native_bfloat16, run
 
     if args.resolutions:
         return _bench_resolutions(args)
@@ -172,8 +172,16 @@ def _bench(args: argparse.Namespace) -> int:
     sizes = args.sizes or ([224, 384] if on_gpu else [224])
     _check_models(models, sizes)
     batches = args.batches or ([1, 8, 64, 256] if on_gpu else [1, 8])
-    # On a GPU the full matrix in every dtype would not fit one sitting: bfloat16 by default, --dtypes for more.
-    dtypes = args.dtypes or (["bfloat16"] if on_gpu else ["float32"])
+    # On a GPU the full matrix in every dtype would not fit one sitting: bfloat16 by default, --dtypes for more. On a
+    # CPU float32, and bfloat16 too where the CPU computes it natively (elsewhere it is emulated, and slow).
+    if args.dtypes:
+        dtypes = args.dtypes
+    elif on_gpu:
+        dtypes = ["bfloat16"]
+    else:
+        native = cpu_native_bfloat16()
+        dtypes = ["float32", "bfloat16"] if native else ["float32"]
+        print(f"this CPU {'computes bfloat16 natively (' + native + ')' if native else 'has no native bfloat16'}")
     if args.out is not None:  # now, not after a run of many minutes
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +240,7 @@ def _positive_number(text: str) -> float:
 def _implementations(requested: list[str] | None, device) -> list[str]:
     import importlib.util
 
-    from .benchmark import IMPLEMENTATIONS
+    from .benchmark import CPU_DEFAULT, GPU_DEFAULT, IMPLEMENTATIONS
     from .dispatch import TRITON_INTERPRET
 
     if requested:
@@ -244,9 +252,14 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
             )
         chosen = list(dict.fromkeys(requested))
     elif device.type == "cuda":
-        chosen = list(IMPLEMENTATIONS)
-    else:  # the short CPU run: the eager paths (Triton kernels need CUDA; compile is for the GPU run)
-        chosen = ["transformers-eager", "cvt_fast-eager"]
+        chosen = list(GPU_DEFAULT)
+    else:  # the CPU's contenders: eager, compiled, and ONNX Runtime on the export (the Triton kernels need CUDA)
+        chosen = list(CPU_DEFAULT)
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+            chosen.remove("onnxruntime")
+            print(
+                "note: onnxruntime or onnxscript is not installed; skipping onnxruntime (pip install 'cvt-fast[onnx]')"
+            )
     kernel_users = [name for name in chosen if "triton" in name]
     if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
         raise Refusal(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -266,16 +265,18 @@ def _attention_fake(q, k, v, num_heads, scale):
 # While exporting (cvt_fast.export), the eager path's attention is traced as the one op torch.ops.cvt_fast.attention
 # (whose CPU implementation is attention_reference) instead of SDPA on per-head views, so that the exporter can map
 # it whole onto the runtime's fused attention.
-_attention_as_one_op: ContextVar[bool] = ContextVar("cvt_fast_attention_as_one_op", default=False)
+# (A plain module flag, not a ContextVar: torch.compile traces the eager path and reads globals, not ContextVars.)
+_attention_as_one_op = False
 
 
 @contextlib.contextmanager
 def attention_as_one_op() -> Iterator[None]:
-    token = _attention_as_one_op.set(True)
+    global _attention_as_one_op
+    before, _attention_as_one_op = _attention_as_one_op, True
     try:
         yield
     finally:
-        _attention_as_one_op.reset(token)
+        _attention_as_one_op = before
 
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
@@ -341,7 +342,7 @@ def attention(
     reason = choose_kernel("attention", backend, [q, k, v], training=training, unsupported=unsupported)
     _record(paths, "attention", reason)
     if reason is not None:
-        if _attention_as_one_op.get() and not (training and dropout_p > 0.0):
+        if _attention_as_one_op and not (training and dropout_p > 0.0):
             return torch.ops.cvt_fast.attention(q, k, v, num_heads, scale)  # the same reference, as one op
         return attention_reference(q, k, v, num_heads, scale, dropout_p if training else 0.0)
     if q.is_cuda:

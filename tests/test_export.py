@@ -121,3 +121,40 @@ def test_bfloat16_on_the_cpu_within_the_rule_against_float64():
         logits = ours.bfloat16()(x.bfloat16()).logits
     assert torch.isfinite(logits).all()
     assert rel_err(logits, reference) <= 2 * hf_error + 1e-2, (rel_err(logits, reference), hf_error)
+
+
+def test_cpu_benchmark_runs_the_compiled_path_and_onnx_runtime(tmp_path):
+    """`cvt-fast bench` on the CPU: cvt_fast under torch.compile and ONNX Runtime on the export, each timed with
+    its error against the float32 reference beside it, and their preparation (compile, export) reported apart."""
+    from cvt_fast.benchmark import bench_case
+
+    config = tmp_path / "tiny.json"
+    config.write_text(cvt_fast.CvtConfig(**CONFIG).to_json_string())
+    records = bench_case(str(config), 48, 2, "float32", ["cvt_fast-eager-compile", "onnxruntime"],
+                         torch.device("cpu"), 1, lambda _: None)  # fmt: skip
+    assert [r.implementation for r in records] == ["cvt_fast-eager-compile", "onnxruntime"]
+    for r in records:
+        assert r.error is None and r.images_per_s > 0 and r.max_err < 1e-4, r
+    assert records[0].compile_s > 0
+    # ONNX Runtime runs the float32 export only: a bfloat16 case leaves it out rather than mislabel a float32 figure
+    assert bench_case(str(config), 48, 1, "bfloat16", ["onnxruntime"], torch.device("cpu"), 1, lambda _: None) == []
+
+
+def test_cpu_defaults_follow_the_machine(monkeypatch, capsys):
+    import importlib.util
+
+    from cvt_fast import benchmark
+
+    assert cli._implementations(None, torch.device("cpu")) == list(benchmark.CPU_DEFAULT)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name)
+    )
+    assert "onnxruntime" not in cli._implementations(None, torch.device("cpu"))
+    assert "skipping onnxruntime (pip install 'cvt-fast[onnx]')" in capsys.readouterr().out
+    monkeypatch.setattr(benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
+    assert benchmark.cpu_native_bfloat16() is None
+    monkeypatch.setattr(
+        benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "amx_bf16 avx512_bf16"})()
+    )
+    assert benchmark.cpu_native_bfloat16() == "AMX and AVX-512 BF16"
