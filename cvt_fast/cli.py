@@ -201,13 +201,20 @@ def _bench_resolutions(args: argparse.Namespace) -> int:
     for option in ("sizes", "batches"):
         if getattr(args, option) is not None:
             raise Refusal(f"argument --{option}: the resolution benchmark takes --resolutions, one image at a time")
-    names = args.implementations or (list(resolution.IMPLEMENTATIONS) if on_gpu else ["transformers", "cvt_fast-eager"])
+    if args.implementations:
+        names = args.implementations
+    elif on_gpu:
+        names = ["transformers", "cvt_fast-eager", "cvt_fast-triton"]
+    else:
+        names = ["transformers", "cvt_fast-eager"] + (["onnxruntime"] if _has_onnx_runtime() else [])
     unknown = [n for n in names if n not in resolution.IMPLEMENTATIONS]
     if unknown:
         raise Refusal(
             f"argument --implementations: unknown {', '.join(map(repr, unknown))}; with --resolutions the "
             f"implementations are {', '.join(resolution.IMPLEMENTATIONS)}"
         )
+    if "onnxruntime" in names and on_gpu:
+        raise Refusal("argument --implementations: onnxruntime runs on the CPU (--device cpu)")
     if "cvt_fast-triton" in names and not on_gpu:
         raise Refusal(f"argument --implementations: cvt_fast-triton needs a CUDA device (--device is {device})")
     models = args.models or ["cvt-13"]
@@ -225,6 +232,12 @@ def _bench_resolutions(args: argparse.Namespace) -> int:
         written = [args.out / f"resolution.{ext}" for ext in ("jsonl", "json", "md", "png")]
         print("results written to " + ", ".join(str(p) for p in written if p.exists()))
     return 0
+
+
+def _has_onnx_runtime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
 
 
 def _positive_number(text: str) -> float:
@@ -255,7 +268,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
         chosen = list(GPU_DEFAULT)
     else:  # the CPU's contenders: eager, compiled, and ONNX Runtime on the export (the Triton kernels need CUDA)
         chosen = list(CPU_DEFAULT)
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        if not _has_onnx_runtime():
             chosen.remove("onnxruntime")
             print(
                 "note: onnxruntime or onnxscript is not installed; skipping onnxruntime (pip install 'cvt-fast[onnx]')"

@@ -10,6 +10,7 @@ implementation and dtype, one forward pass (batch 1, random weights, a seeded im
         passes the cap (--memory-cap-gib, default 60% of the memory available at the start).
   GPU   in this process, torch.cuda.max_memory_allocated over what was allocated before; out of memory is caught.
 
+ONNX Runtime (CPU, float32) runs cvt_fast's ONNX export, made once per model before its points.
 A point that runs out of memory or passes the cap is recorded as such, and larger sizes of that contender are not
 tried. Beside each point: the max logit error against the float32 reference at that size (transformers when it
 ran, else cvt_fast eager in float32). Results: JSONL appended point by point, JSON, markdown and a plot (memory
@@ -19,6 +20,7 @@ and time against pixels, log scales).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-IMPLEMENTATIONS = ("transformers", "cvt_fast-eager", "cvt_fast-triton")
+IMPLEMENTATIONS = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,14 +55,30 @@ class Point:
 # ---- one forward pass ---------------------------------------------------------------------------------------
 
 
-def build(model_name: str, implementation: str, dtype: torch.dtype, device: torch.device):
-    """The contender as a function of pixel_values -> logits, on `device` in `dtype`, random weights (seed 0)."""
+def random_model(model_name: str):
+    """The benchmark's model: a preset or config.json, random weights drawn from seed 0 (the same in every process)."""
     from .config import PRESETS, CvtConfig
     from .modeling import CvtForImageClassification
     from .testing import randomize_
 
     config = PRESETS[model_name].config() if model_name in PRESETS else CvtConfig.from_pretrained(model_name)
-    base = randomize_(CvtForImageClassification(config, backend="eager").eval(), torch.Generator().manual_seed(0))
+    return randomize_(CvtForImageClassification(config, backend="eager").eval(), torch.Generator().manual_seed(0))
+
+
+def build(model_name: str, implementation: str, dtype: torch.dtype, device: torch.device, onnx_path: str | None = None):
+    """The contender as a function of pixel_values -> logits, on `device` in `dtype`, random weights (seed 0).
+    onnxruntime runs the float32 export at onnx_path (made once by the parent: see run)."""
+    base = random_model(model_name)
+    config = base.config
+    if implementation == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(
+            session.run(None, {"pixel_values": x.float().numpy()})[0]
+        ), config.num_channels
     if implementation == "transformers":
         import transformers
 
@@ -103,7 +121,8 @@ def worker(spec: dict) -> dict:
     """One CPU point, in its own process: build, warm up small, then a first forward at the size (its peak
     resident memory over what the process held before it), then the timed ones."""
     torch.manual_seed(0)
-    fn, channels = build(spec["model"], spec["implementation"], DTYPES[spec["dtype"]], torch.device("cpu"))
+    fn, channels = build(spec["model"], spec["implementation"], DTYPES[spec["dtype"]], torch.device("cpu"),
+                         spec.get("onnx_path"))  # fmt: skip
     dtype = DTYPES[spec["dtype"]]
     x = image(channels, spec["resolution"]).to(dtype)
     with torch.inference_mode():
@@ -204,6 +223,16 @@ def default_cap_bytes() -> int:
 def _contender_points(model, implementation, dtype, resolutions, device, cap_bytes, scratch, timeout_s, progress):
     """(point, logits) for each size in turn; after one runs out of memory or over the cap, the rest are skipped."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    onnx_path = None
+    if implementation == "onnxruntime":
+        if device.type != "cpu" or dtype != "float32":  # the export is float32, ONNX Runtime's provider the CPU
+            return
+        from .export import export_onnx
+
+        onnx_path = str(Path(scratch) / f"model-{hashlib.sha256(model.encode()).hexdigest()[:12]}.onnx")
+        if not Path(onnx_path).exists():
+            progress(f"{model}: exporting to ONNX for onnxruntime")
+            export_onnx(random_model(model), onnx_path, validate=False)  # the points measure the error
     gpu_model = None
     if device.type == "cuda":  # one model for every size (a CPU point builds its own, in its own process)
         gpu_model = build(model, implementation, DTYPES[dtype], device)
@@ -218,7 +247,7 @@ def _contender_points(model, implementation, dtype, resolutions, device, cap_byt
         if gpu_model is not None:
             result, point.status, logits = _gpu_point(*gpu_model, size, DTYPES[dtype], device, cap_bytes)
         else:
-            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size)
+            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size, onnx_path=onnx_path)
             spec["logits_path"] = str(Path(scratch) / f"{implementation}-{dtype}-{size}.pt")
             result, point.status = _run_worker(spec, cap_bytes, timeout_s)
             logits = torch.load(spec["logits_path"]) if result else None

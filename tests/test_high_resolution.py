@@ -150,3 +150,16 @@ def test_gpu_points_measure_cap_and_catch_out_of_memory(monkeypatch, tmp_path):
         "out of memory",
         None,
     )
+
+
+def test_resolution_benchmark_runs_onnx_runtime_on_the_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(depth=[1, 2], embed_dim=[32, 64], num_heads=[1, 2], cls_token=[False, True])))
+    points = resolution.run([str(config)], [40], ["float32"], ["cvt_fast-eager", "onnxruntime"], torch.device("cpu"),
+                            8 * 2**30, None, progress=lambda _: None)  # fmt: skip
+    assert [(p.implementation, p.status, p.reference) for p in points] == [
+        ("cvt_fast-eager", "ok", "(the reference)"), ("onnxruntime", "ok", "cvt_fast-eager float32")
+    ]  # fmt: skip
+    assert points[1].max_err < 1e-4 and points[1].peak_mem_bytes >= 0
