@@ -76,6 +76,7 @@ _SUBMODULES = (
     "ops",
     "outputs",
     "patching",
+    "resolution",
     "testing",
 )
 
