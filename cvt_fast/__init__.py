@@ -68,6 +68,7 @@ _SUBMODULES = (
     "checks",
     "cli",
     "config",
+    "dataset_inference",
     "dispatch",
     "image_processing",
     "kernels",
