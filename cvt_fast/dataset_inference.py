@@ -329,14 +329,16 @@ def prepare_run_folder(files: RunFiles, record: dict, overwrite: bool) -> list[s
         files.folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ClassifyRefused(f"argument --output: cannot write results beside {files.output} ({error})") from None
-    if files.record.is_file():
+    has_results = files.output.exists() or any(part.stat().st_size for part in files.parts())
+    if files.record.is_file() and has_results:
         _check_record(files, record)
-    elif files.output.exists() or files.parts():
+    elif has_results:
+        taken = files.output if files.output.exists() else files.folder
         raise ClassifyRefused(
-            f"{files.output} already exists, and no {files.record} says which run produced it; pass --overwrite to "
+            f"{taken} already exists, and no {files.record} says which run produced it; pass --overwrite to "
             "replace it, or choose another --output"
         )
-    else:
+    else:  # a first run, or one that stopped before its first result (a damaged checkpoint, say): nothing to mix
         _write_record(files, record)
     notes = []
     for part in files.parts():
@@ -729,6 +731,8 @@ def _look(options: Options, ranks: Ranks):
     listing = list_images(options.source)
     check_output(options.output, options.source, listing.paths)
     device = resolve_device(options.device, ranks)
+    if not (options.checkpoint / "config.json").is_file():
+        raise ClassifyRefused(f"{options.checkpoint} has no config.json")
     with _checkpoint_refusals():
         _check_preprocessed_size(options)
         record = run_record(
