@@ -33,6 +33,17 @@ def run_scenarios(out: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The references are thousands of small float64 ops (a float64 depthwise convolution runs channel by channel):
+    with two OpenMP threads on a busy two-core machine they took 10 to 100 s, with one thread under a second. The
+    torchrun processes get one thread each from torchrun."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Rank 0's results of every scenario (one torchrun for all of them: its start-up is most of the time)."""
