@@ -99,6 +99,8 @@ class Listing:
 
 def list_images(source: str) -> Listing:
     """A folder's image files (recursively), or the paths a text file lists one per line."""
+    if not source:
+        raise ClassifyRefused("argument --input: an empty name is not a folder or a file")
     if os.path.isdir(source):
         return _list_folder(source)
     if os.path.isfile(source):
@@ -134,7 +136,8 @@ def _list_folder(folder: str) -> Listing:
 
 
 def _list_file(list_file: str) -> Listing:
-    """One path per line, relative ones to the working directory (as a shell reads them); blank lines skipped."""
+    """One path per line, as written (relative ones to the working directory, as a shell reads them); lines of
+    nothing but white space skipped."""
     if list_file.lower().endswith(IMAGE_EXTENSIONS):
         raise ClassifyRefused(
             f"argument --input: {list_file} is an image; --input takes a folder or a text file listing images "
@@ -148,7 +151,7 @@ def _list_file(list_file: str) -> Listing:
     if "\0" in text:
         raise ClassifyRefused(f"argument --input: {list_file} is not a text file of image paths (it holds NUL bytes)")
     lines = [line.removesuffix("\r") for line in text.split("\n")]
-    named = [line for line in lines if line]
+    named = [line for line in lines if line.strip()]
     if not named:
         raise ClassifyRefused(f"argument --input: {list_file} names no image files (it has no non-blank line)")
     unique = sorted(set(named))

@@ -167,7 +167,7 @@ def test_a_folder_is_listed_recursively_sorted_without_hidden_or_other_files(wor
 
 def test_a_list_file_is_read_line_by_line_relative_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "list.txt").write_bytes(b"b.jpg\r\n\n/abs/a.png\nsub dir/c d.png\nb.jpg\n")
+    (tmp_path / "list.txt").write_bytes(b"b.jpg\r\n\n  \n/abs/a.png\nsub dir/c d.png\nb.jpg\n")
     listing = di.list_images("list.txt")
     assert listing.paths == ["/abs/a.png", "b.jpg", "sub dir/c d.png"]
     assert listing.notes == ["list.txt names 1 path(s) more than once; each is classified once"]
@@ -399,6 +399,7 @@ LOADING = "the model was loaded before the arguments were checked"
          "file(s))"),
         (["--input", "{tmp}/blank.txt", "--output", "{tmp}/r.jsonl"], "argument --input: {tmp}/blank.txt names no "
          "image files (it has no non-blank line)"),
+        (["--input", "", "--output", "{tmp}/r.jsonl"], "argument --input: an empty name is not a folder or a file"),
         (["--input", "{root}/images/img01.jpg", "--output", "{tmp}/r.jsonl"], "argument --input: "
          "{root}/images/img01.jpg is an image; --input takes a folder or a text file listing images"),
         (["--input", "{tmp}/list.txt", "--output", "{tmp}/list.txt"], "argument --output: {tmp}/list.txt is one of "
@@ -427,10 +428,11 @@ LOADING = "the model was loaded before the arguments were checked"
         (["--input", "{root}/images", "--output", "{tmp}/r.jsonl", "--device", "cuda:99"], "argument --device: device "
          "'cuda:99' is not available on this machine"),
     ],
-    ids=["missing input", "folder without images", "empty list", "an image as the list", "output is the list",
-         "output is a listed file", "output an image name", "output a folder", "output not writable",
-         "input without output", "images and input", "output without input", "workers without input",
-         "overwrite without input", "nothing to classify", "batch size 0", "workers -1", "dtype", "device"],
+    ids=["missing input", "folder without images", "empty list", "empty input name", "an image as the list",
+         "output is the list", "output is a listed file", "output an image name", "output a folder",
+         "output not writable", "input without output", "images and input", "output without input",
+         "workers without input", "overwrite without input", "nothing to classify", "batch size 0", "workers -1",
+         "dtype", "device"],
 )  # fmt: skip
 def test_bad_dataset_arguments_get_one_line_before_the_model_loads(capsys, monkeypatch, workspace, tmp_path, argv,
                                                                     expected):  # fmt: skip
@@ -438,7 +440,7 @@ def test_bad_dataset_arguments_get_one_line_before_the_model_loads(capsys, monke
     monkeypatch.setattr(cvt_fast.CvtForImageClassification, "from_pretrained", lambda *a, **k: pytest.fail(LOADING))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    (tmp_path / "blank.txt").write_text("\n\n")
+    (tmp_path / "blank.txt").write_text("\n \t\n\n")
     (tmp_path / "list.txt").write_text(f"{root}/images/img01.jpg\n{tmp_path}/named.jsonl\n")
     fill = {"root": root, "tmp": tmp_path}
     status, out, err = classify(capsys, "--model", root / "ckpt", *[a.format(**fill) for a in argv])
