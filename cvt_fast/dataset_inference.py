@@ -257,7 +257,7 @@ class RunFiles:
         return self.folder / f"rank-{rank}.jsonl"
 
     def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("rank-*.jsonl")) if self.folder.is_dir() else []
+        return sorted(path for path in self.folder.glob("rank-*.jsonl") if path.is_file())
 
 
 def check_output(output: Path, source: str, paths: Iterable[str]) -> None:

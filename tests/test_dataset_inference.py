@@ -487,6 +487,21 @@ def test_two_processes_under_torchrun_agree_with_one(capsys, workspace, expected
     assert "rank 0 of 2: 6/6 images" in result.stderr  # rank 0's half of the odd count
 
 
+def test_a_refusal_on_one_rank_is_printed_once_by_rank_0_and_every_rank_exits_2(capsys, workspace, tmp_path):
+    root, _ = workspace
+    output = tmp_path / "results.jsonl"
+    args = dataset_args(root, output, "--workers", "0", "--overwrite")
+    assert classify(capsys, *args)[0] == 0
+    (tmp_path / "results.jsonl.parts" / "rank-1.jsonl").mkdir()  # where rank 1, and only rank 1, must write
+    result = torchrun("--nproc_per_node", "2", "-m", "cvt_fast", "classify", *args, cwd=tmp_path)
+    ours = [line for line in result.stderr.splitlines() if line.startswith("cvt-fast classify: ")]
+    assert ours == [
+        f"cvt-fast classify: rank 1: argument --output: cannot write {output}.parts/rank-1.jsonl ([Errno 21] Is a "
+        f"directory: '{output}.parts/rank-1.jsonl')"
+    ]
+    assert result.stderr.count("exitcode  : 2") == 2 and result.returncode == 1  # torchrun's report of both ranks
+
+
 SLOW_RANKS = """
 import os, sys, time
 from pathlib import Path
