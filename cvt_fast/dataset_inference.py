@@ -431,7 +431,9 @@ class ImageFiles(torch.utils.data.Dataset):
         except UnreadableImage as unreadable:
             pixels, error = None, unreadable.reason
         except Exception as failure:  # whatever else one odd file provokes, it must not end a million-image run
-            pixels, error = None, f"failed in decoding or preprocessing ({type(failure).__name__}: {failure})"
+            from .loading import one_line
+
+            pixels, error = None, f"failed in decoding or preprocessing ({type(failure).__name__}: {one_line(failure)})"
         return index, pixels, error, time.perf_counter() - start
 
 
@@ -515,15 +517,15 @@ def classify_batch(model, batch: Batch, paths: Sequence[str], top_k: int) -> tup
     unreadable = len(batch.errors)
     names = model.config.id2label
     for indices, pixels in batch.groups:
-        try:
+        try:  # only a preprocessor that keeps sizes as they come can hand the model images it cannot take
             check_image_size(model.config, *pixels.shape[-2:])
-        except ValueError as error:
+            with torch.inference_mode():
+                logits = model(pixels.to(model.device, model.dtype, non_blocking=True)).logits
+        except ValueError as error:  # the model's input checks: the same answer for every image of this size
             lines.update({i: result_line(paths[i], error=f"after preprocessing, {error}") for i in indices})
             unreadable += len(indices)
             continue
-        with torch.inference_mode():
-            logits = model(pixels.to(model.device, model.dtype, non_blocking=True)).logits
-            top = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]))
+        top = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]))
         for index, scores, ids in zip(indices, top.values.tolist(), top.indices.tolist(), strict=True):
             labels = [names.get(i, f"LABEL_{i}") for i in ids]
             lines[index] = result_line(paths[index], labels=labels, scores=scores, label_ids=ids)
@@ -844,7 +846,9 @@ def summary_lines(
     output: Path, lines: list[str], ranks: list[ShardTimes], earlier: int, wall_s: float, setup_s: float
 ) -> list[str]:
     """What the output holds (unreadable images named), then this run's throughput."""
-    unreadable = [record for record in map(_parse_line, lines) if record is not None and "error" in record]
+    # (the substring first: parsing a million lines for a handful of errors would cost seconds)
+    candidates = [_parse_line(line) for line in lines if '"error": ' in line]
+    unreadable = [record for record in candidates if record is not None and "error" in record]
     text = [
         f"{output}: {len(lines)} images, {len(lines) - len(unreadable)} classified, {len(unreadable)} unreadable "
         "(one line each, sorted by path)"

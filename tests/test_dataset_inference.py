@@ -262,6 +262,32 @@ def test_a_list_file_names_what_to_classify(capsys, workspace, expected, tmp_pat
             assert record["labels"][:TOP_K] == expected[record["path"]][0] and len(record["labels"]) == 5
 
 
+def test_without_resizing_images_of_several_sizes_share_batches_and_one_too_small_is_reported(capsys, workspace,
+                                                                                               tmp_path):  # fmt: skip
+    root, _ = workspace
+    checkpoint = shutil.copytree(root / "ckpt", tmp_path / "ckpt")
+    CvtImageProcessor(do_resize=False).save_pretrained(checkpoint)  # sizes as they come
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    for name, shape in [("a.png", (20, 27, 3)), ("b.png", (5, 5, 3)), ("c.png", (31, 17, 3)), ("d.png", (20, 27, 3))]:
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(tmp_path / "images" / name)
+    output = tmp_path / "r.jsonl"
+    args = ["--model", checkpoint, "--input", tmp_path / "images", "--output", output, "--workers", "0", "--top-k", 2]
+    status, _, err = classify(capsys, *args, "--batch-size", "4")  # one batch, three sizes
+    assert status == 0, err
+    records = {os.path.basename(r["path"]): r for r in read_records(output)}
+    assert records["b.png"]["error"].startswith(
+        "after preprocessing, image of 5x5 pixels is smaller than the model's total stride"
+    )
+    model = cvt_fast.CvtForImageClassification.from_pretrained(checkpoint)
+    processor = CvtImageProcessor.from_pretrained(checkpoint)
+    for name in ("a.png", "c.png", "d.png"):
+        with Image.open(tmp_path / "images" / name) as image, torch.no_grad():
+            top = model(**processor(image)).logits.softmax(-1)[0].topk(2)
+        assert records[name]["label_ids"] == top.indices.tolist()
+        assert np.allclose(records[name]["scores"], top.values.tolist(), rtol=0, atol=2e-6)
+
+
 def interrupted_state(output: Path, full: list[str]) -> set[int]:
     """Files as a two-rank run leaves them when killed midway: rank 0 wrote lines 0-2 and half of line 3, rank 1 lines
     7-8, no output yet. Returns the indices of the lines left to do."""
