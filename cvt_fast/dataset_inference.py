@@ -738,7 +738,7 @@ def _look(options: Options, ranks: Ranks):
     device = resolve_device(options.device, ranks)
     if not (options.checkpoint / "config.json").is_file():
         raise ClassifyRefused(f"{options.checkpoint} has no config.json")
-    with _checkpoint_refusals():
+    with _as_refusals():
         _check_preprocessed_size(options)
         record = run_record(
             options.checkpoint, options.processor, options.source, options.top_k, options.dtype, options.backend
@@ -749,15 +749,16 @@ def _look(options: Options, ranks: Ranks):
 def _load(options: Options, device: torch.device):
     from .modeling import CvtForImageClassification
 
-    with _checkpoint_refusals():
+    with _as_refusals():
         return CvtForImageClassification.from_pretrained(
             options.checkpoint, backend=options.backend, device=device, dtype=options.dtype
         )
 
 
 @contextlib.contextmanager
-def _checkpoint_refusals():
-    """A checkpoint's refusals as ClassifyRefused, which the ranks agree on (a rank's own failure is not lost)."""
+def _as_refusals():
+    """cvt_fast's refusals (of a checkpoint, a config, a backend) as ClassifyRefused, which the ranks agree on: a
+    rank's own failure is not lost, and the others do not wait for it."""
     from .config import ConfigError
     from .dispatch import KernelUnavailableError
     from .loading import CheckpointError, one_line
@@ -802,10 +803,11 @@ def _classify_part(model, mine: Sequence[str], part, workers: int, options: Opti
         prefix = f"rank 0 of {ranks.world_size}: " if ranks.world_size > 1 else ""
         progress = Progress(len(mine), prefix, stream=err)
     try:
-        times = classify_shard(
-            model, mine, options.processor, part, batch_size=options.batch_size, workers=workers,
-            top_k=options.top_k, progress=progress,
-        )  # fmt: skip
+        with _as_refusals():  # backend="triton" where the kernels cannot run refuses at the first batch
+            times = classify_shard(
+                model, mine, options.processor, part, batch_size=options.batch_size, workers=workers,
+                top_k=options.top_k, progress=progress,
+            )  # fmt: skip
         os.fsync(part.fileno())
         return times
     except torch.cuda.OutOfMemoryError:
