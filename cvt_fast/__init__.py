@@ -68,6 +68,7 @@ _SUBMODULES = (
     "checks",
     "cli",
     "config",
+    "dataset_inference",
     "dispatch",
     "export",
     "image_processing",

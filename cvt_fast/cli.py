@@ -1,15 +1,17 @@
 """Command line: `cvt-fast classify` (top labels for local images), `cvt-fast bench` (throughput + errors) and
 `cvt-fast export` (ONNX, validated with ONNX Runtime).
 
-Also reachable as `python -m cvt_fast`. A failure the user can cause (an argument, an image, a checkpoint or a config
-file) ends in one line per problem, `cvt-fast <command>: ...`, naming what is wrong and what was expected, and exit
-status 2; a traceback means a bug in cvt_fast. torch is imported only once the arguments parse, so that `--help`
+Also reachable as `python -m cvt_fast`, which is also torchrun's way in (`torchrun -m cvt_fast classify --input ...`;
+cvt_fast.dataset_inference does that work). A failure the user can cause (an argument, an image, a checkpoint or a
+config file) ends in one line per problem, `cvt-fast <command>: ...`, naming what is wrong and what was expected, and
+exit status 2; a traceback means a bug in cvt_fast. torch is imported only once the arguments parse, so that `--help`
 and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,20 +26,32 @@ class Refusal(Exception):
         self.lines = lines
 
 
+def _first_rank() -> bool:
+    """Whether this process speaks for the run: under torchrun, only rank 0 prints a refusal (every rank meets the same
+    ones; a rank's own problem reaches rank 0 through cvt_fast.dataset_inference), so it shows once, not N times."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # argparse's own report is the whole usage block, then the message: one line says it, and where to look.
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n" if _first_rank() else None)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
+def _at_least(smallest: int):
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"expected a number of at least {smallest}, got {value}")
+        return value
+
+    return whole_number
+
+
+_at_least_one = _at_least(1)
 
 
 # ---- checks shared by the commands --------------------------------------------------------------------------
@@ -70,11 +84,17 @@ def _check_backend(backend: str | None) -> None:
 # ---- classify -----------------------------------------------------------------------------------------------
 
 
+DATASET_OPTIONS = ("output", "batch_size", "workers", "overwrite")
+
+
 def _classify(args: argparse.Namespace) -> int:
+    _check_classify_form(args)
     try:
         import PIL  # noqa: F401
     except ImportError:
         raise Refusal("needs Pillow: pip install pillow") from None
+    if args.input is not None:
+        return _classify_dataset(args)
     import torch
 
     from .loading import resolve_checkpoint_dir
@@ -84,11 +104,13 @@ def _classify(args: argparse.Namespace) -> int:
     _check_backend(args.backend)
     checkpoint = resolve_checkpoint_dir(args.model)  # a local folder, or the hub snapshot of an id
     images = _read_images(args.images, _processor(checkpoint, args.model))  # all of them, before the model loads
-    model = CvtForImageClassification.from_pretrained(checkpoint, backend=args.backend, device=device)
+    model = CvtForImageClassification.from_pretrained(
+        checkpoint, backend=args.backend, device=device, dtype=args.dtype or "float32"
+    )
     _check_image_sizes(images, model.config)
     for path, pixel_values in images:
         with torch.inference_mode():
-            probabilities = model(pixel_values.to(model.device)).logits.float().softmax(-1)[0]
+            probabilities = model(pixel_values.to(model.device, model.dtype)).logits.float().softmax(-1)[0]
         top = probabilities.topk(min(args.top_k, probabilities.numel()))
         print(path)
         for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
@@ -96,12 +118,64 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_classify_form(args: argparse.Namespace) -> None:
+    """Image files, or --input with --output; the options of one form are refused in the other."""
+    if args.input is None:
+        if not args.images:
+            raise Refusal(
+                "give image files, or --input FOLDER_OR_LIST with --output FILE (see cvt-fast classify --help)"
+            )
+        given = [name for name in DATASET_OPTIONS if getattr(args, name) not in (None, False)]
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise Refusal(f"argument {option}: only with --input (a folder, or a file listing images)")
+        if os.environ.get("WORLD_SIZE", "1") not in ("1", ""):
+            raise Refusal(
+                "under torchrun give --input and --output: image files given as arguments would be classified and "
+                "printed by every process"
+            )
+        return
+    if args.images:
+        raise Refusal(
+            f"give image files or --input, not both (got {len(args.images)} file(s) and --input {args.input})"
+        )
+    if args.output is None:
+        raise Refusal("argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)")
+
+
+def _classify_dataset(args: argparse.Namespace) -> int:
+    """A folder or a list of images into a JSON-lines file, in this process or in each of torchrun's."""
+    import torch
+
+    from .dataset_inference import Options, classify_dataset
+    from .dispatch import resolve_backend
+    from .loading import resolve_checkpoint_dir
+
+    _check_backend(args.backend)
+    checkpoint = resolve_checkpoint_dir(args.model)
+    options = Options(
+        source=args.input,
+        output=args.output,
+        checkpoint=checkpoint,
+        processor=_processor(checkpoint, args.model),
+        batch_size=args.batch_size or 32,
+        workers=args.workers,
+        top_k=args.top_k,
+        device=args.device,
+        backend=resolve_backend(args.backend),
+        dtype=getattr(torch, args.dtype or "float32"),
+        overwrite=args.overwrite,
+    )
+    return classify_dataset(options)
+
+
 def _processor(checkpoint: Path, name: str):
     from .image_processing import PREPROCESSOR_NAME, CvtImageProcessor
 
     if (checkpoint / PREPROCESSOR_NAME).is_file():
         return CvtImageProcessor.from_pretrained(checkpoint)
-    print(f"note: {name} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)", file=sys.stderr)
+    if _first_rank():
+        print(f"note: {name} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)", file=sys.stderr)
     return CvtImageProcessor()
 
 
@@ -119,26 +193,15 @@ def _read_images(paths: list[str], processor) -> list[tuple[str, object]]:
 
 
 def _read_image(path: str, processor):
-    from PIL import Image, UnidentifiedImageError
+    """(1, 3, H, W) pixel values, or a refusal that names the file and what is wrong with it."""
+    import torch
 
-    from .loading import one_line
+    from .dataset_inference import UnreadableImage, read_pixel_values
 
     try:
-        with Image.open(path) as image:
-            return processor(image)["pixel_values"]
-    except FileNotFoundError:
-        reason = "no such file"
-    except IsADirectoryError:
-        reason = "a folder, not an image file"
-    except PermissionError:
-        reason = "not readable (permission denied)"
-    except UnidentifiedImageError:
-        reason = "not an image file (Pillow does not recognise its format)"
-    except Image.DecompressionBombError as error:
-        reason = f"too many pixels to decode safely ({one_line(error)})"
-    except (OSError, ValueError, EOFError, SyntaxError) as error:  # what Pillow's decoders raise on a damaged file
-        reason = f"cannot be decoded ({one_line(error)}); is it truncated or damaged?"
-    raise Refusal(f"{path}: {reason}")
+        return torch.from_numpy(read_pixel_values(path, processor))[None]
+    except UnreadableImage as unreadable:
+        raise Refusal(f"{path}: {unreadable.reason}") from None
 
 
 def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
@@ -363,12 +426,33 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cvt-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    classify = sub.add_parser("classify", help="print the top labels of local images")
-    classify.add_argument("images", nargs="+", help="image files")
+    classify = sub.add_parser(
+        "classify",
+        help="print the top labels of local images, or write those of a folder or list of images to a JSON-lines file",
+        description="Image files: their top labels are printed. --input FOLDER_OR_LIST --output FILE: every image "
+        "gets one JSON line (path, labels, scores, label_ids; or path and error), decoded in loader workers; "
+        "resumable, and split across processes under torchrun (torchrun --nproc_per_node N -m cvt_fast classify ...).",
+    )
+    classify.add_argument("images", nargs="*", help="image files")
     classify.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    classify.add_argument(
+        "--input", help="instead of image files: a folder (searched recursively) or a text file of image paths"
+    )
+    classify.add_argument("--output", type=Path, help="with --input: the results, one JSON line per image")
     classify.add_argument("--top-k", type=_at_least_one, default=5, help="how many labels to print (default 5)")
+    classify.add_argument("--batch-size", type=_at_least_one, help="with --input: images per forward pass (default 32)")
+    classify.add_argument(
+        "--workers",
+        type=_at_least(0),
+        help="with --input: decoding processes per model process (default: 1 on the CPU; on a GPU the cores shared "
+        "among the GPUs, less one each, at most 16; 0 decodes in the model's process)",
+    )
     classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     classify.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
+    classify.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights and inputs (float32)")
+    classify.add_argument(
+        "--overwrite", action="store_true", help="with --input: discard the results of an earlier run and start over"
+    )
     classify.set_defaults(func=_classify)
 
     bench = sub.add_parser(
@@ -421,12 +505,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_error_lines(error: Exception) -> tuple[str, ...] | None:
     """The lines to print for a failure the user caused, or None for anything else (a bug: let it show)."""
+    if isinstance(error, Refusal):  # before the imports below, which bring torch: a form error answers at once
+        return error.lines
     from .benchmark import BenchmarkRefused
     from .config import ConfigError
+    from .dataset_inference import ClassifyRefused
     from .dispatch import KernelUnavailableError
     from .loading import CheckpointError, one_line
 
-    if isinstance(error, Refusal):
+    if isinstance(error, ClassifyRefused):
         return error.lines
     if isinstance(error, CheckpointError):
         return (error.problem,)  # without the remedy: it is a from_pretrained argument, which the CLI has not
@@ -450,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if lines is None:
             raise
-        for line in lines:
+        for line in lines if _first_rank() else ():
             print(f"{prog}: {line}", file=sys.stderr)
         return 2
 

@@ -426,3 +426,45 @@ def test_every_module_is_reachable_from_the_package():
     modules = {p.stem for p in Path(cvt_fast.__file__).parent.glob("*.py")} - {"__init__", "__main__"}
     assert set(cvt_fast._SUBMODULES) == modules | {"kernels"}
     assert sorted(cvt_fast.__all__) == sorted(cvt_fast._EXPORTS)
+
+
+def test_classify_form_errors_answer_without_importing_torch():
+    """Which form of classify (image files, or --input with --output) is settled before torch is imported."""
+    code = """
+import sys
+from cvt_fast.cli import main
+statuses = [main(argv) for argv in (["classify", "--model", "m"], ["classify", "--model", "m", "--input", "d"],
+                                    ["classify", "--model", "m", "--workers", "2", "a.png"])]
+print("statuses:", statuses, "torch imported:", "torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "statuses: [2, 2, 2] torch imported: False", result.stderr
+    assert result.stderr.splitlines() == [
+        "cvt-fast classify: give image files, or --input FOLDER_OR_LIST with --output FILE (see cvt-fast classify "
+        "--help)",
+        "cvt-fast classify: argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)",
+        "cvt-fast classify: argument --workers: only with --input (a folder, or a file listing images)",
+    ]
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_image_files_under_torchrun_are_refused_once(capsys, monkeypatch, checkpoint, rank, printed):
+    """Every process of a torchrun would print every image's labels: refused, and said by rank 0 only."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    status, out, err = cli_main(capsys, "classify", "--model", str(checkpoint / "ckpt"), str(checkpoint / "a.png"))
+    assert status == 2 and out == ""
+    expected = [
+        "cvt-fast classify: under torchrun give --input and --output: image files given as arguments would be "
+        "classified and printed by every process"
+    ]
+    assert err == (expected if printed else [])
+
+
+def test_classify_image_files_in_half_precision(capsys, checkpoint):
+    """--dtype applies to the image-file form too: bfloat16 weights and inputs, the same top label as float32."""
+    args = ["classify", "--model", str(checkpoint / "ckpt"), "--top-k", "1", str(checkpoint / "a.png")]
+    status, full, _ = cli_main(capsys, *args)
+    status_half, half, err = cli_main(capsys, *args, "--dtype", "bfloat16")
+    assert status == status_half == 0, err
+    assert half.splitlines()[1].split("%", 1)[1] == full.splitlines()[1].split("%", 1)[1]
