@@ -147,6 +147,38 @@ def test_dtype_and_backend_arguments(tmp_path, hf_classifier):
     assert CvtForImageClassification.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("config_says", ["dtype", "torch_dtype", "nothing"])
+def test_dtype_auto_keeps_the_checkpoints_dtype(tmp_path, hf_classifier, dtype, config_says):
+    """dtype="auto" reads the dtype as transformers does: config.json's dtype (torch_dtype in files older
+    transformers wrote), else the weights' own; transformers' from_pretrained is the oracle."""
+    hf_classifier.to(dtype).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    written = config.pop("dtype")
+    assert written == str(dtype).removeprefix("torch.")
+    if config_says != "nothing":
+        config[config_says] = written
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    ours = CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    assert ours.dtype == theirs.dtype == dtype
+    our_state = ours.state_dict()
+    for key, value in theirs.state_dict().items():  # the checkpoint's values, never rounded through float32
+        assert our_state[key].dtype == value.dtype and torch.equal(our_state[key], value), key
+    assert CvtForImageClassification.from_pretrained(tmp_path).dtype == torch.float32  # without "auto": float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_half_precision_save_loads_back_in_its_dtype(tmp_path, dtype):
+    ours = randomize_(CvtForImageClassification(cvt_fast.CvtConfig(**SMALL)), torch.Generator().manual_seed(3))
+    ours.to(dtype).save_pretrained(tmp_path)
+    assert transformers.CvtForImageClassification.from_pretrained(tmp_path, dtype="auto").dtype == dtype
+    again = CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    assert again.dtype == dtype
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_no_weights_and_no_directory(tmp_path):
     cvt_fast.CvtConfig().save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="no weights in"):
