@@ -62,21 +62,31 @@ def test_loads_pytorch_model_bin(tmp_path, hf_classifier, sharded):
     assert outputs_agree(CvtForImageClassification.from_pretrained(tmp_path), hf_classifier)
 
 
+class FileMakingPayload:
+    """Unpickled, it runs code that creates `marker`: whether the file exists afterwards says whether it ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.marker!r}, 'w').close()",))
+
+
 def test_bin_loading_never_unpickles_code(tmp_path, hf_classifier):
-    hf_classifier.config.save_pretrained(tmp_path)
-
-    class Payload:
-        def __reduce__(self):
-            return (builtins.print, ("code from a checkpoint ran",))
-
-    torch.save({"x": Payload()}, tmp_path / "pytorch_model.bin")
+    checkpoint, marker = tmp_path / "checkpoint", tmp_path / "payload-ran"
+    hf_classifier.config.save_pretrained(checkpoint)
+    torch.save({"x": FileMakingPayload(marker)}, checkpoint / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as refusal:
-        CvtForImageClassification.from_pretrained(tmp_path)
+        CvtForImageClassification.from_pretrained(checkpoint)
+    assert not marker.exists(), "the checkpoint's code ran"
     message = str(refusal.value)
-    assert message.startswith(f"{tmp_path / 'pytorch_model.bin'}: refused, it holds Python objects")
-    assert "Unsupported global: GLOBAL print" in message
+    assert message.startswith(f"{checkpoint / 'pytorch_model.bin'}: refused, it holds Python objects")
+    assert "Unsupported global: GLOBAL exec" in message
     # torch's own message advises weights_only=False (running the file's code): never passed on, not even chained
     assert "False" not in message and "safe_globals" not in message and refusal.value.__cause__ is None
+    # The payload is live: the unsafe way of reading the file runs it (so the check above could have failed).
+    torch.load(checkpoint / "pytorch_model.bin", weights_only=False)
+    assert marker.exists()
 
 
 def test_transformers_loads_what_we_save(tmp_path):
