@@ -138,3 +138,28 @@ def harden_statistics_(models, generator: torch.Generator, small_fraction: float
             for model in models:
                 model.get_submodule(name).weight.mul_(qk_gain)
     return models
+
+
+def qkv_projection_definition(x, height, width, with_cls, weights, bn_params, eps, strides):
+    """q, k, v in float64 from the definition, for oracles independent of cvt_fast's fold: each projection a
+    depthwise conv of the (B, C, H, W) grid, then BatchNorm on running statistics, (y - mean) / sqrt(var + eps) *
+    gamma + beta, back in token layout with the cls row (never convolved) in front. weights [q, k, v] (C, 1, k, k);
+    bn_params [gamma, beta, mean, var] for q, then k, then v; eps and strides [(stride, padding)] for q, k, v."""
+    x = x.double()
+    cls, tokens = (x[:, :1], x[:, 1:]) if with_cls else (None, x)
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    outputs = []
+    for i, (stride, padding) in enumerate(strides):
+        gamma, beta, mean, var = (t.double()[:, None, None] for t in bn_params[4 * i : 4 * i + 4])
+        y = torch.nn.functional.conv2d(grid, weights[i].double(), stride=stride, padding=padding, groups=channels)
+        y = ((y - mean) / torch.sqrt(var + eps[i]) * gamma + beta).flatten(2).transpose(1, 2)
+        outputs.append(y if cls is None else torch.cat((cls, y), dim=1))
+    return outputs
+
+
+def attention_definition(q, k, v, num_heads, scale):
+    """softmax(q k^T * scale) v per head in float64; q (B, Nq, C), k and v (B, Nk, C), heads side by side in C."""
+    qh, kh, vh = (t.double().unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    return (probs @ vh).transpose(1, 2).flatten(2)
