@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cvt_fast
+from cvt_fast.testing import randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,3 +90,30 @@ def test_the_truncation_is_there():
     ):
         weight = model.cvt.encoder.stages[1].layers[0].intermediate.dense.weight.detach().flatten()
         assert 1.95 < weight.abs().max() <= 2.0, type(model).__module__
+
+
+@pytest.mark.parametrize("how", ["missing head", "mis-shaped head"])
+def test_keys_a_checkpoint_lacks_start_as_in_transformers(tmp_path, how):
+    """from_pretrained's strict=False and ignore_mismatched_sizes=True initialise what the checkpoint cannot give
+    (here a head) as transformers initialises a fresh model, and keep what it gives."""
+    kwargs = dict(CONFIG, initializer_range=1.0)
+    if how == "missing head":
+        saved = randomize_(cvt_fast.CvtModel(cvt_fast.CvtConfig(**kwargs)))
+        saved.save_pretrained(tmp_path)
+        model = cvt_fast.CvtForImageClassification.from_pretrained(tmp_path, strict=False)
+        kept = model.cvt.state_dict()
+    else:
+        saved = randomize_(cvt_fast.CvtForImageClassification(cvt_fast.CvtConfig(**dict(kwargs, num_labels=3))))
+        saved.save_pretrained(tmp_path)
+        model = cvt_fast.CvtForImageClassification.from_pretrained(
+            tmp_path, num_labels=kwargs["num_labels"], ignore_mismatched_sizes=True
+        )
+        kept = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    weight, bias = model.classifier.weight.detach().double().flatten(), model.classifier.bias.detach()
+    assert torch.equal(bias, torch.zeros_like(bias))
+    assert weight.abs().max() <= 2.0
+    problem = within_sampling_error(weight, truncated_normal_std(1.0))
+    assert problem is None, problem
+    saved_state = saved.state_dict()
+    for key, value in kept.items():  # the rest is the checkpoint's, not re-initialised
+        assert torch.equal(value, saved_state[key]), key
