@@ -1,5 +1,6 @@
-"""Helpers for the tests: random configs transformers accepts, model pairs with shared random weights, and the
-error measure of the kernel tests (error against float64, relative to the largest magnitude)."""
+"""Helpers for the tests: random configs transformers accepts, model pairs with shared random weights, statistics
+that make every term matter (harden_statistics_), float64 oracles written from the definition of the two fused ops,
+and the error measure of the kernel tests (error against float64, relative to the largest magnitude)."""
 
 from __future__ import annotations
 

@@ -139,6 +139,8 @@ def test_classifier_tuple_form_with_loss_and_hidden_states():
         (5, lambda b, n: torch.randint(0, n, (b,)), "single_label_classification"),
         (5, lambda b, n: torch.randint(0, 2, (b, n)).float(), "multi_label_classification"),
         (3, lambda b, n: torch.randn(b, n), "multi_label_classification"),  # float labels, num_labels > 1
+        (4, lambda b, n: torch.randint(0, n, (b,), dtype=torch.int32), "single_label_classification"),
+        (1, lambda b, n: torch.randn(b, 1), "regression"),  # labels shaped like the logits
     ],
 )
 def test_losses_chosen_and_computed_as_transformers(num_labels, labels_fn, problem_type):
@@ -147,10 +149,29 @@ def test_losses_chosen_and_computed_as_transformers(num_labels, labels_fn, probl
     x = torch.randn(4, kwargs["num_channels"], *random_image_size(kwargs, 7))
     labels = labels_fn(4, num_labels)
     with torch.no_grad():
-        expected = hf(x, labels=labels)
         actual = ours(x, labels=labels)
+        # transformers picks single-label classification for int32 labels too, then crashes in cross_entropy (which
+        # takes int64 class indices only); cvt_fast computes that loss. The oracle is transformers on int64 labels.
+        expected = hf(x, labels=labels.long() if labels.dtype == torch.int32 else labels)
     assert ours.config.problem_type == hf.config.problem_type == problem_type
     assert_close(actual.loss, expected.loss, "loss")
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_config_defaults_for_the_outputs(return_dict):
+    """config.output_hidden_states and config.return_dict decide when forward is not told, as in transformers."""
+    kwargs = random_config_kwargs(6, stages=2, cls_token=[False, True], output_hidden_states=True)
+    kwargs["return_dict"] = return_dict
+    hf, ours = model_pair(kwargs)
+    x = torch.randn(2, kwargs["num_channels"], *random_image_size(kwargs, 6))
+    with torch.no_grad():
+        expected, actual = hf(x), ours(x)
+    assert isinstance(actual, tuple) == (not return_dict) == isinstance(expected, tuple)
+    expected_hidden = expected.hidden_states if return_dict else expected[1]
+    actual_hidden = actual.hidden_states if return_dict else actual[1]
+    assert len(actual_hidden) == len(expected_hidden) == 2
+    for i, (a, e) in enumerate(zip(actual_hidden, expected_hidden, strict=True)):
+        assert_close(a, e, f"hidden_states[{i}]")
 
 
 def test_explicit_regression_with_several_outputs():
