@@ -85,10 +85,11 @@ def test_inductor_fullgraph_on_the_kernels(dtype):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_cuda_graph_capture(batch):
     """A replay runs the same kernels on the same inputs as an eager call: the logits must agree to float32
-    rounding (cuBLAS may pick another algorithm inside a capture, so not necessarily bit for bit), and with
-    transformers to the parity tolerance."""
+    rounding (cuBLAS may pick another algorithm inside a capture, so not necessarily bit for bit), and be as close
+    to transformers in float64 as transformers in float32 is (the accuracy rule: 2x, plus the float32 floor)."""
     hf, m = pair("triton")
     hf, m = hf.cuda(), m.cuda()
+    hf64 = copy.deepcopy(hf).double()
     static_x = torch.randn(batch, 3, 64, 64, device="cuda")
     with torch.no_grad():
         stream = torch.cuda.Stream()
@@ -104,4 +105,6 @@ def test_cuda_graph_capture(batch):
         static_x.copy_(fresh)
         graph.replay()
         assert rel_err(static_logits, m(fresh).logits) < 1e-6
-        assert rel_err(static_logits, hf(fresh).logits) < 2e-5
+        reference = hf64(fresh.double()).logits
+        hf_err, replay_err = rel_err(hf(fresh).logits, reference), rel_err(static_logits, reference)
+        assert replay_err <= 2 * hf_err + FLOORS[torch.float32], (replay_err, hf_err)
