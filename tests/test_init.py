@@ -38,7 +38,7 @@ def truncated_normal_std(std: float, bound: float = 2.0) -> float:
 def within_sampling_error(values: torch.Tensor, std: float) -> str | None:
     """None if `values` look like a sample of a zero-mean law of standard deviation `std`: mean and sample std within
     5 standard errors. The seeds are fixed, so the outcome is too; the margin makes a false alarm about a one in a
-    million chance for whatever seed, while a std off by 2x fails even the smallest tensor here (24 values)."""
+    million chance for whatever seed, while a doubled std fails even the smallest tensor here (24 values)."""
     n = values.numel()
     if abs(values.mean().item()) > 5 * std / math.sqrt(n):
         return f"mean {values.mean().item():.4g}, expected 0 +- {5 * std / math.sqrt(n):.2g}"
