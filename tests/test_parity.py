@@ -61,7 +61,11 @@ def test_half_precision_eager_path_is_as_accurate_as_transformers(dtype):
     transformers in the same dtype (2x its error, plus the dtype's floor)."""
     kwargs = random_config_kwargs(4, stages=2, embed_dim=[24, 48], num_heads=[1, 2], patch_stride=[4, 2])
     hf, ours = harden_statistics_(model_pair(kwargs, seed=4), torch.Generator().manual_seed(4))
-    x = torch.randn(2, kwargs["num_channels"], *random_image_size(kwargs, 4))
+    # A batch of 8: the rule compares maxima over every element, which steady with more of them (with 2 images,
+    # the two libraries' errors, equal in the median, are at times 1.2x apart one way or the other in bfloat16).
+    x = torch.randn(
+        8, kwargs["num_channels"], *random_image_size(kwargs, 4), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         reference = copy.deepcopy(hf).double()(x.double(), output_hidden_states=True)
         theirs = hf.to(dtype)(x.to(dtype), output_hidden_states=True)
