@@ -265,7 +265,8 @@ def from_pretrained(
 ):
     """Build `model_class` from a transformers checkpoint.
 
-    dtype (or torch_dtype): float32 by default, as transformers; "auto" keeps the checkpoint's dtype.
+    dtype (or torch_dtype): float32 by default, as transformers 4.x; "auto" keeps the checkpoint's dtype, as
+        transformers reads it: config.json's dtype (torch_dtype in older files), else the dtype of the weights.
     config_overrides: config attributes to change, e.g. num_labels=10 for a new head (with
         ignore_mismatched_sizes=True, which re-initialises the keys whose shapes changed, with a warning).
     strict=False: initialise missing keys instead of refusing them, with a warning that names them.
@@ -281,6 +282,8 @@ def from_pretrained(
         device = check_device(device)
 
     state_dict = read_state_dict(weight_files(directory))
+    if target_dtype is None:  # "auto", and config.json names no dtype: the first floating-point weight's decides
+        target_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = model_class(config, backend=backend)
     state_dict = adapt_prefix(state_dict, model)
@@ -363,13 +366,16 @@ def _materialise_leftovers(model) -> None:
                 slot[name].data = data
 
 
-def _resolve_dtype(dtype, config: CvtConfig) -> torch.dtype:
+def _resolve_dtype(dtype, config: CvtConfig) -> torch.dtype | None:
+    """The dtype to load in; None for "auto" when config.json names none (the weights then decide)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        name = config.extra.get("dtype") or "float32"
+        name = config.extra.get("dtype")
+        if not name:  # absent (or null): transformers then takes the weights' dtype
+            return None
         return _floating_dtype(name, f"config.json's dtype {name!r} (read for dtype='auto')", ConfigError)
     if isinstance(dtype, str):
         return _floating_dtype(dtype, f"dtype {dtype!r}", ValueError)

@@ -523,5 +523,6 @@ class CvtForImageClassification(CvtPreTrainedModel):
                 return MSELoss()(logits.squeeze(), labels.squeeze())
             return MSELoss()(logits, labels)
         if config.problem_type == "single_label_classification":
-            return CrossEntropyLoss()(logits.view(-1, config.num_labels), labels.view(-1))
+            # int64 for cross_entropy, which refuses the int32 labels that (as in transformers) choose this loss
+            return CrossEntropyLoss()(logits.view(-1, config.num_labels), labels.view(-1).long())
         return BCEWithLogitsLoss()(logits, labels)

@@ -8,6 +8,7 @@ patch(model)             in place: every transformers CvtSelfAttention inside `m
                          changes made meanwhile are kept.
 from_transformers(model) a cvt_fast CvtModel / CvtForImageClassification with the model's config and the same
                          parameter tensors.
+Both carry over what no state dict holds: each norm's eps and each BatchNorm's momentum.
 """
 
 from __future__ import annotations
@@ -52,8 +53,21 @@ def _fast_attention_like(original: nn.Module, backend: str) -> CvtSelfAttention:
             backend=backend,
         )
     fast.load_state_dict(original.state_dict(keep_vars=True), strict=True, assign=True)
+    _copy_norm_settings(original, fast)
     _share_hooks(original, fast)
     return fast.train(original.training)
+
+
+def _copy_norm_settings(source: nn.Module, target: nn.Module) -> None:
+    """eps (and BatchNorm's momentum) are module attributes, in no state dict: give each of `target`'s norms those of
+    the module of the same name in `source`, so that it normalises (and tracks statistics) as the original did."""
+    source_modules = dict(source.named_modules())
+    for name, module in target.named_modules():
+        original = source_modules.get(name)
+        if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)) and isinstance(original, type(module)):
+            module.eps = original.eps
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = original.momentum
 
 
 # The per-module hook registries of torch.nn.Module: shared (the same dicts), so a hook registered on either layer,
@@ -109,6 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         # .to(), .half() and training may have replaced tensors (buffers are never converted in place): the
         # original takes the fast layer's current ones.
         original.load_state_dict(fast.state_dict(keep_vars=True), strict=True, assign=True)
+        _copy_norm_settings(fast, original)
         setattr(model.get_submodule(parent_name), child, original.train(fast.training))
     delattr(model, _ORIGINALS)
     return model
@@ -125,4 +140,5 @@ def from_transformers(model: nn.Module, backend: str | None = None) -> CvtModel 
     with torch.device("meta"):
         fast = fast_class(config, backend=backend)
     fast.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    _copy_norm_settings(model, fast)
     return fast.train(model.training)

@@ -1,5 +1,6 @@
-"""Helpers for the tests: random configs transformers accepts, model pairs with shared random weights, and the
-error measure of the kernel tests (error against float64, relative to the largest magnitude)."""
+"""Helpers for the tests: random configs transformers accepts, model pairs with shared random weights, statistics
+that make every term matter (harden_statistics_), float64 oracles written from the definition of the two fused ops,
+and the error measure of the kernel tests (error against float64, relative to the largest magnitude)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,59 @@ def assert_within_rule(kernel_out, eager_out, reference, dtype, what=""):
 
 def nan_like(shape, dtype, device=DEVICE):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def harden_statistics_(models, generator: torch.Generator, small_fraction: float = 0.25, qk_gain: float = 1.5):
+    """Give the same models (same module names: transformers' and cvt_fast's) statistics under which every term of the
+    eval-mode projections matters, identically on each. BatchNorm: in about `small_fraction` of the channels the
+    running variance drops to 1e-4..1e-3 (gamma scaled by its square root, so that outputs stay O(1) as in a trained
+    network), and each BatchNorm gets its own eps in 1e-5..1e-3, so q, k and v of a layer differ. eps is then 1% to
+    10x the variance: dropping it, or taking another projection's, moves those channels by 0.5% or more, where the
+    default statistics (variances 0.5..2, eps 1e-5 everywhere) move them by ~1e-5, under the parity tolerance. eps is
+    not in the state dict, so it is set on the modules. Query and key weights are scaled by `qk_gain`, which takes
+    attention scores to ~50 (~5 by default): large, yet far enough from saturation that two float32 implementations
+    still agree to a few 1e-6."""
+    first = models[0]
+    for name, module in first.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            small = torch.rand(channels, generator=generator, dtype=torch.float64) < small_fraction
+            variance = module.running_var.double().clone()
+            variance[small] = 10 ** -(3 + torch.rand(int(small.sum()), generator=generator, dtype=torch.float64))
+            gamma_scale = torch.where(small, variance.sqrt(), torch.ones_like(variance))
+            eps = float(10 ** -(3 + 2 * torch.rand((), generator=generator, dtype=torch.float64)))
+            for model in models:
+                target = model.get_submodule(name)
+                target.running_var.copy_(variance)
+                target.weight.mul_(gamma_scale.to(target.weight.dtype))
+                target.eps = eps
+        elif isinstance(module, torch.nn.Linear) and name.endswith(("projection_query", "projection_key")):
+            for model in models:
+                model.get_submodule(name).weight.mul_(qk_gain)
+    return models
+
+
+def qkv_projection_definition(x, height, width, with_cls, weights, bn_params, eps, strides):
+    """q, k, v in float64 from the definition, for oracles independent of cvt_fast's fold: each projection a
+    depthwise conv of the (B, C, H, W) grid, then BatchNorm on running statistics, (y - mean) / sqrt(var + eps) *
+    gamma + beta, back in token layout with the cls row (never convolved) in front. weights [q, k, v] (C, 1, k, k);
+    bn_params [gamma, beta, mean, var] for q, then k, then v; eps and strides [(stride, padding)] for q, k, v."""
+    x = x.double()
+    cls, tokens = (x[:, :1], x[:, 1:]) if with_cls else (None, x)
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    outputs = []
+    for i, (stride, padding) in enumerate(strides):
+        gamma, beta, mean, var = (t.double()[:, None, None] for t in bn_params[4 * i : 4 * i + 4])
+        y = torch.nn.functional.conv2d(grid, weights[i].double(), stride=stride, padding=padding, groups=channels)
+        y = ((y - mean) / torch.sqrt(var + eps[i]) * gamma + beta).flatten(2).transpose(1, 2)
+        outputs.append(y if cls is None else torch.cat((cls, y), dim=1))
+    return outputs
+
+
+def attention_definition(q, k, v, num_heads, scale):
+    """softmax(q k^T * scale) v per head in float64; q (B, Nq, C), k and v (B, Nk, C), heads side by side in C."""
+    qh, kh, vh = (t.double().unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
+    return (probs @ vh).transpose(1, 2).flatten(2)

@@ -193,20 +193,24 @@ def test_a_damaged_checkpoint_gets_one_line(capsys, checkpoint, ckpt_copy, damag
     )
 
 
-def test_a_malicious_bin_gets_one_line_without_torchs_advice(capsys, checkpoint, ckpt_copy):
-    class Payload:
+def test_a_malicious_bin_gets_one_line_without_torchs_advice(capsys, checkpoint, ckpt_copy, tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:  # unpickled, it would create `marker`
         def __reduce__(self):
-            return (builtins.print, ("code from a checkpoint ran",))
+            return (builtins.exec, (f"open({str(marker)!r}, 'w').close()",))
 
     (ckpt_copy / "model.safetensors").unlink()
     torch.save({"x": Payload()}, ckpt_copy / "pytorch_model.bin")
     status, out, err = cli_main(capsys, "classify", "--model", str(ckpt_copy), str(checkpoint / "a.png"))
-    assert status == 2 and "code from a checkpoint ran" not in out
+    assert status == 2 and out == "" and not marker.exists()
     assert err == [
         f"cvt-fast classify: {ckpt_copy / 'pytorch_model.bin'}: refused, it holds Python objects and not only tensors "
-        "(Unsupported global: GLOBAL print was not an allowed global by default); cvt_fast reads .bin checkpoints "
-        "with torch.load(weights_only=True), which never runs code from a file"
+        "(Unsupported global: GLOBAL exec was not an allowed global by default); cvt_fast reads .bin "
+        "checkpoints with torch.load(weights_only=True), which never runs code from a file"
     ]
+    torch.load(ckpt_copy / "pytorch_model.bin", weights_only=False)  # the payload is live: read unsafely, it runs
+    assert marker.exists()
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_keys_without_a_python_argument(capsys, checkpoint, ckpt_copy):

@@ -1,5 +1,6 @@
 """CvtConfig: transformers' parameters, config.json both ways, presets, clear errors."""
 
+import inspect
 import json
 
 import numpy as np
@@ -10,13 +11,27 @@ from cvt_fast import PRESETS, ConfigError, CvtConfig, preset
 transformers = pytest.importorskip("transformers")
 
 
+# Arguments of transformers' CvtConfig that belong to its PreTrainedConfig machinery, not to the model: cvt_fast keeps
+# them (when a config.json has them) as unread extra keys.
+TRANSFORMERS_ONLY = {"transformers_version", "architectures", "dtype", "chunk_size_feed_forward", "is_encoder_decoder"}
+
+
 def test_defaults_match_transformers():
     ours = CvtConfig().to_dict()
     theirs = json.loads(json.dumps(transformers.CvtConfig().to_dict()))  # as config.json holds it
     for key, value in ours.items():
         if key in theirs:
             assert theirs[key] == value, key
-    assert CvtConfig().num_labels == transformers.CvtConfig().num_labels == 2
+    # Every argument transformers' CvtConfig takes, as an attribute: the same default (lists and tuples alike).
+    theirs, ours = transformers.CvtConfig(), CvtConfig()
+    arguments = set(inspect.signature(transformers.CvtConfig.__init__).parameters) - {"self", "kwargs"}
+    for name in sorted(arguments - TRANSFORMERS_ONLY):
+        expected = getattr(theirs, name)
+        actual = getattr(ours, name)
+        if isinstance(expected, (list, tuple)):
+            expected, actual = list(expected), list(actual)
+        assert actual == expected, f"{name}: {actual!r}, transformers {expected!r}"
+    assert ours.num_labels == theirs.num_labels == 2
 
 
 def test_reads_a_transformers_config_json(tmp_path):

@@ -8,6 +8,8 @@ import torch
 from cvt_fast import CvtConfig, CvtForImageClassification, KernelUnavailableError, dispatch
 from cvt_fast.dispatch import ENV_VAR, resolve_backend
 
+from helpers import model_pair, rel_err
+
 CONFIG = dict(depth=[1, 1], embed_dim=[64, 64], num_heads=[1, 2], cls_token=[False, True], num_labels=3)
 
 
@@ -65,6 +67,18 @@ def test_triton_backend_refuses_what_the_kernels_cannot_run():
 
 
 def test_training_and_autograd_take_the_eager_path_even_under_triton():
-    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="triton").train()
-    model(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+    """... and compute what transformers computes there (float64: the same math, to rounding)."""
+    pytest.importorskip("transformers")
+    kwargs = dict(CONFIG, depth=[1, 2])  # transformers needs depth[s] > s
+    hf, model = (m.double().train() for m in model_pair(kwargs))
+    model.set_backend("triton")
+    x, labels = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])
+    actual, expected = model(x, labels=labels), hf(x, labels=labels)
+    actual.loss.backward()
+    expected.loss.backward()
     assert all(p.startswith("eager: training") for layer in model.kernel_paths().values() for p in layer.values())
+    assert rel_err(actual.logits, expected.logits) < 1e-12
+    hf_params = dict(hf.named_parameters())
+    largest = max(p.grad.abs().max().item() for p in hf_params.values())
+    for name, param in model.named_parameters():
+        assert (param.grad - hf_params[name].grad).abs().max() <= 1e-10 * largest, name

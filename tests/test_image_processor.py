@@ -44,13 +44,63 @@ def test_matches_transformers(size, shape):
     assert torch.equal(actual, expected)
 
 
-def test_batch_numpy_and_grayscale_inputs():
-    rng = np.random.default_rng(0)
-    images = [random_image(rng, 250, 330), np.asarray(random_image(rng, 280, 256)), random_image(rng, 300, 300, "L")]
-    out = CvtImageProcessor()(images)
-    assert out.pixel_values.shape == (3, 3, 224, 224)
-    expected = transformers_processor()(images[0], return_tensors="pt")["pixel_values"]
-    assert torch.equal(out.pixel_values[:1], expected)
+def inputs_and_rgb_equivalents(rng):
+    """{kind: (input, what transformers gets instead)}. transformers takes the uint8 (H, W, 3) array itself. It
+    refuses one channel or four against a three-channel mean, so there the oracle is transformers on the RGB image
+    the input stands for: a grayscale value repeated in all three channels, an alpha channel dropped (PIL's "L" and
+    "RGBA" to "RGB")."""
+    rgb = rng.integers(0, 256, size=(250, 330, 3), dtype=np.uint8)
+    gray, alpha = rgb[..., 0].copy(), rgb[..., 1:2]
+    gray_as_rgb, rgba = np.repeat(gray[..., None], 3, axis=-1), np.concatenate([rgb, alpha], axis=-1)
+    return {
+        "numpy (H, W, 3)": (rgb, rgb),
+        "numpy (H, W)": (gray, gray_as_rgb),
+        "numpy (H, W, 1)": (gray[..., None], gray_as_rgb),
+        "numpy (H, W, 4)": (rgba, rgb),
+        "PIL L": (Image.fromarray(gray, mode="L"), gray_as_rgb),
+        "PIL RGBA": (Image.fromarray(rgba, mode="RGBA"), rgb),
+    }
+
+
+KINDS = list(inputs_and_rgb_equivalents(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_grayscale_and_alpha_inputs_by_value(kind):
+    image, rgb = inputs_and_rgb_equivalents(np.random.default_rng(KINDS.index(kind)))[kind]
+    expected = transformers_processor()(rgb, return_tensors="pt")["pixel_values"]
+    assert torch.equal(CvtImageProcessor()(image)["pixel_values"], expected)
+
+
+def test_a_batch_of_mixed_inputs_is_each_image_by_value():
+    cases = list(inputs_and_rgb_equivalents(np.random.default_rng(5)).values())
+    cases.append((random_image(np.random.default_rng(6), 280, 256), None))
+    images = [image for image, _ in cases]
+    out = CvtImageProcessor()(images)["pixel_values"]
+    assert out.shape == (len(images), 3, 224, 224)
+    for row, (image, rgb) in zip(out, cases, strict=True):
+        expected = transformers_processor()(image if rgb is None else rgb, return_tensors="pt")["pixel_values"]
+        assert torch.equal(row, expected[0])
+
+
+# Every option against transformers: a processor that ignores one (an unused resample, a crop at 384 and above, a
+# rescale done twice) differs.
+OPTIONS = [
+    dict(resample=0), dict(resample=1), dict(resample=2), dict(resample=4), dict(resample=5),
+    dict(crop_pct=0.95), dict(crop_pct=1.0, size=160), dict(size=384, resample=2), dict(size=400),
+    dict(do_normalize=False), dict(do_rescale=False), dict(do_rescale=False, do_normalize=False), dict(do_resize=False),
+    dict(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25]), dict(rescale_factor=1 / 127.5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options_match_transformers(options):
+    image = random_image(np.random.default_rng(len(str(options))), 301, 247)
+    theirs = dict(options, size={"shortest_edge": options["size"]}) if "size" in options else options
+    expected = transformers_processor(**theirs)(image, return_tensors="pt")["pixel_values"]
+    actual = CvtImageProcessor(**options)(image)["pixel_values"]
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.equal(actual, expected)
 
 
 def test_reads_preprocessor_config_json(tmp_path):
@@ -72,7 +122,9 @@ def test_bad_images_are_refused():
     processor = CvtImageProcessor()
     with pytest.raises(TypeError, match="PIL image or a uint8 numpy array"):
         processor("cat.jpg")
-    with pytest.raises(TypeError, match="must be uint8"):
-        processor(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="must be uint8"):  # transformers would guess whether it is 0..1 or 0..255
+        processor(np.full((10, 10, 3), 0.5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"must be \(H, W\), \(H, W, 3\) or \(H, W, 4\), got shape \(3, 40, 50\)"):
+        processor(np.zeros((3, 40, 50), dtype=np.uint8))  # channels first: refused, not read as a 3-row image
     with pytest.raises(ValueError, match="no images"):
         processor([])

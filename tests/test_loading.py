@@ -62,21 +62,31 @@ def test_loads_pytorch_model_bin(tmp_path, hf_classifier, sharded):
     assert outputs_agree(CvtForImageClassification.from_pretrained(tmp_path), hf_classifier)
 
 
+class FileMakingPayload:
+    """Unpickled, it runs code that creates `marker`: whether the file exists afterwards says whether it ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.marker!r}, 'w').close()",))
+
+
 def test_bin_loading_never_unpickles_code(tmp_path, hf_classifier):
-    hf_classifier.config.save_pretrained(tmp_path)
-
-    class Payload:
-        def __reduce__(self):
-            return (builtins.print, ("code from a checkpoint ran",))
-
-    torch.save({"x": Payload()}, tmp_path / "pytorch_model.bin")
+    checkpoint, marker = tmp_path / "checkpoint", tmp_path / "payload-ran"
+    hf_classifier.config.save_pretrained(checkpoint)
+    torch.save({"x": FileMakingPayload(marker)}, checkpoint / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as refusal:
-        CvtForImageClassification.from_pretrained(tmp_path)
+        CvtForImageClassification.from_pretrained(checkpoint)
+    assert not marker.exists(), "the checkpoint's code ran"
     message = str(refusal.value)
-    assert message.startswith(f"{tmp_path / 'pytorch_model.bin'}: refused, it holds Python objects")
-    assert "Unsupported global: GLOBAL print" in message
+    assert message.startswith(f"{checkpoint / 'pytorch_model.bin'}: refused, it holds Python objects")
+    assert "Unsupported global: GLOBAL exec" in message
     # torch's own message advises weights_only=False (running the file's code): never passed on, not even chained
     assert "False" not in message and "safe_globals" not in message and refusal.value.__cause__ is None
+    # The payload is live: the unsafe way of reading the file runs it (so the check above could have failed).
+    torch.load(checkpoint / "pytorch_model.bin", weights_only=False)
+    assert marker.exists()
 
 
 def test_transformers_loads_what_we_save(tmp_path):
@@ -145,6 +155,38 @@ def test_dtype_and_backend_arguments(tmp_path, hf_classifier):
     assert model.dtype == torch.float64 and model.backend == "eager"
     assert CvtForImageClassification.from_pretrained(tmp_path, torch_dtype="float16").dtype == torch.float16
     assert CvtForImageClassification.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("config_says", ["dtype", "torch_dtype", "nothing"])
+def test_dtype_auto_keeps_the_checkpoints_dtype(tmp_path, hf_classifier, dtype, config_says):
+    """dtype="auto" reads the dtype as transformers does: config.json's dtype (torch_dtype in files older
+    transformers wrote), else the weights' own; transformers' from_pretrained is the oracle."""
+    hf_classifier.to(dtype).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    written = config.pop("dtype")
+    assert written == str(dtype).removeprefix("torch.")
+    if config_says != "nothing":
+        config[config_says] = written
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    ours = CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    assert ours.dtype == theirs.dtype == dtype
+    our_state = ours.state_dict()
+    for key, value in theirs.state_dict().items():  # the checkpoint's values, never rounded through float32
+        assert our_state[key].dtype == value.dtype and torch.equal(our_state[key], value), key
+    assert CvtForImageClassification.from_pretrained(tmp_path).dtype == torch.float32  # without "auto": float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_half_precision_save_loads_back_in_its_dtype(tmp_path, dtype):
+    ours = randomize_(CvtForImageClassification(cvt_fast.CvtConfig(**SMALL)), torch.Generator().manual_seed(3))
+    ours.to(dtype).save_pretrained(tmp_path)
+    assert transformers.CvtForImageClassification.from_pretrained(tmp_path, dtype="auto").dtype == dtype
+    again = CvtForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    assert again.dtype == dtype
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
 def test_no_weights_and_no_directory(tmp_path):

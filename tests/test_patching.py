@@ -1,5 +1,7 @@
 """patch / unpatch / from_transformers on transformers models a user already holds."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import cvt_fast
 from cvt_fast.modeling import CvtSelfAttention
 from cvt_fast.testing import randomize_
 
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, harden_statistics_, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,6 +50,56 @@ def test_patch_in_place_and_undo(hf_model):
     assert torch.equal(logits(hf_model, x), before)
     with pytest.raises(ValueError, match="was not patched"):
         cvt_fast.unpatch(hf_model)
+
+
+# Hyperparameters that differ between q and k/v and between stages, so that a patched layer built from the wrong
+# one of them shows; dropout, so that training through the patch must draw the random numbers the original draws.
+AWKWARD = dict(
+    patch_sizes=[7, 3], patch_stride=[4, 2], patch_padding=[2, 1], embed_dim=[32, 48], num_heads=[1, 3],
+    depth=[1, 2], cls_token=[False, True], num_labels=5, kernel_qkv=[3, 5], padding_q=[1, 2], padding_kv=[0, 1],
+    stride_kv=[2, 1], qkv_bias=[False, True], attention_drop_rate=[0.1, 0.2], drop_rate=[0.0, 0.1],
+)  # fmt: skip
+
+
+@pytest.fixture
+def awkward_pair():
+    """(model, untouched copy): a transformers model with small BatchNorm variances, and a different eps and momentum
+    for every BatchNorm (module attributes, in no state dict: a patch must carry them over)."""
+    model = transformers.CvtForImageClassification(transformers.CvtConfig(**AWKWARD))
+    randomize_(model, torch.Generator().manual_seed(1))
+    harden_statistics_([model], torch.Generator().manual_seed(1))
+    for i, module in enumerate(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        module.momentum = 0.05 + 0.02 * i
+    return model, copy.deepcopy(model)
+
+
+def _train_step(model, x, seed):
+    """A seeded training step in float64: logits, every gradient, and every buffer after it."""
+    model.train()
+    torch.manual_seed(seed)
+    out = model(x, labels=torch.tensor([1, 4]))
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out.logits.detach(), grads, {name: b.clone() for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("how", ["patch", "from_transformers"])
+def test_patched_model_computes_what_the_original_did(awkward_pair, how):
+    model, original = awkward_pair
+    fast = cvt_fast.patch(model, backend="eager") if how == "patch" else cvt_fast.from_transformers(model, "eager")
+    x = torch.randn(2, 3, 45, 38)
+    assert rel_err(logits(fast.eval(), x), logits(original.eval(), x)) < 2e-5  # eval: BatchNorm folded
+    # Training in float64, where rounding cannot hide a difference: dropout masks, BatchNorm on batch statistics,
+    # gradients, and running statistics moved by each BatchNorm's own momentum.
+    fast, original, x = fast.double(), original.double(), x.double()
+    expected_logits, expected_grads, expected_buffers = _train_step(original, x, seed=5)
+    actual_logits, actual_grads, actual_buffers = _train_step(fast, x, seed=5)
+    assert rel_err(actual_logits, expected_logits) < 1e-12
+    largest = max(g.abs().max().item() for g in expected_grads.values())  # model-wide: some are zero in exact math
+    for name, grad in expected_grads.items():
+        assert (actual_grads[name] - grad).abs().max() <= 1e-10 * largest, name
+    for name, buffer in expected_buffers.items():
+        assert torch.allclose(actual_buffers[name], buffer, rtol=1e-12, atol=0), name
 
 
 def test_patched_layers_share_the_weights(hf_model):
