@@ -61,6 +61,23 @@ def fp32_attention_mode() -> str:
     return mode
 
 
+ONEDNN_LINEAR_VAR = "CVT_FAST_ONEDNN_LINEAR"  # "0" keeps linear layers on F.linear on the CPU too
+
+
+def use_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear layer runs on oneDNN with a prepacked weight: on the CPU in float32 or bfloat16, not while
+    autograd records (training) or torch.compile / torch.export traces (they bring their own GEMMs), oneDNN present."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get(ONEDNN_LINEAR_VAR, "1") != "0"
+    )
+
+
 def prepare_backend(backend: str) -> None:
     """Import the kernels now, where they may run, rather than on a first forward inside a torch.compile trace."""
     if backend != "eager" and (torch.cuda.is_available() or TRITON_INTERPRET):

@@ -22,6 +22,17 @@ from .config import CvtConfig
 from .dispatch import prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
+# ---- linear layers ------------------------------------------------------------------------------------------
+
+
+class CvtLinear(nn.Linear):
+    """nn.Linear (same parameters, same keys) whose CPU inference runs on oneDNN with a prepacked weight
+    (cvt_fast.ops.linear); everywhere else it is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 # ---- embeddings ---------------------------------------------------------------------------------------------
 
 
@@ -124,9 +135,9 @@ class CvtSelfAttention(nn.Module):
         self.convolution_projection_value = CvtSelfAttentionProjection(
             embed_dim, kernel_size, padding_kv, stride_kv, qkv_projection_method
         )
-        self.projection_query = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
-        self.projection_key = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
-        self.projection_value = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
+        self.projection_query = CvtLinear(embed_dim, embed_dim, bias=qkv_bias)
+        self.projection_key = CvtLinear(embed_dim, embed_dim, bias=qkv_bias)
+        self.projection_value = CvtLinear(embed_dim, embed_dim, bias=qkv_bias)
         self.dropout = nn.Dropout(attention_drop_rate)
 
     def _projections(self) -> tuple[CvtSelfAttentionProjection, ...]:
@@ -175,7 +186,7 @@ class CvtSelfAttention(nn.Module):
 class CvtSelfOutput(nn.Module):
     def __init__(self, embed_dim: int, drop_rate: float):
         super().__init__()
-        self.dense = nn.Linear(embed_dim, embed_dim)
+        self.dense = CvtLinear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(drop_rate)
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -198,7 +209,7 @@ class CvtAttention(nn.Module):
 class CvtIntermediate(nn.Module):
     def __init__(self, embed_dim: int, mlp_ratio: float):
         super().__init__()
-        self.dense = nn.Linear(embed_dim, int(embed_dim * mlp_ratio))
+        self.dense = CvtLinear(embed_dim, int(embed_dim * mlp_ratio))
         self.activation = nn.GELU()  # exact GELU, as transformers (the original CvT used QuickGELU)
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -208,7 +219,7 @@ class CvtIntermediate(nn.Module):
 class CvtOutput(nn.Module):
     def __init__(self, embed_dim: int, mlp_ratio: float, drop_rate: float):
         super().__init__()
-        self.dense = nn.Linear(int(embed_dim * mlp_ratio), embed_dim)
+        self.dense = CvtLinear(int(embed_dim * mlp_ratio), embed_dim)
         self.dropout = nn.Dropout(drop_rate)
 
     def forward(self, hidden_state: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -484,7 +495,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
         # by embed_dim[-1] and tests cls_token[-1], which belong to no stage).
         width = config.embed_dim[config.num_stages - 1]
         self.layernorm = nn.LayerNorm(width)
-        self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = CvtLinear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.init_weights()
 
     def forward(

@@ -35,6 +35,14 @@ import torch
 
 IMPLEMENTATIONS = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How a CPU allocation failure reads in a worker's stderr (PyTorch's allocator, C++, Python).
+OUT_OF_MEMORY_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "bad_alloc",
+    "memoryerror",
+)
 
 
 @dataclass
@@ -170,7 +178,8 @@ def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | No
     if over_cap.is_set():
         return None, f"over the memory cap ({cap_bytes / 2**30:.1f} GiB)"
     if process.returncode != 0:
-        if "out of memory" in err.lower() or process.returncode == -9:
+        said = err.lower()
+        if process.returncode == -9 or any(m in said for m in OUT_OF_MEMORY_MESSAGES):  # -9: the kernel's OOM killer
             return None, "out of memory"
         return None, "error: " + (err.strip().splitlines() or [f"exit status {process.returncode}"])[-1][:300]
     return json.loads(out.strip().splitlines()[-1]), "ok"
