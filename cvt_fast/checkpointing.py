@@ -4,7 +4,9 @@ A CvT layer holds BatchNorm (in the q/k/v projections), which in training update
 forward. Checkpointing runs the layer's forward twice, so done naively it would count each batch twice; the
 recomputation here runs with those updates switched off, so running statistics, like outputs and gradients, are
 exactly those of the same step without checkpointing. Dropout and stochastic depth draw the same random numbers
-in the recomputation (PyTorch restores the RNG state).
+in the recomputation (PyTorch restores the RNG state). Under torch.compile, AOTAutograd plans the recomputation
+itself: it replays values, never the in-place buffer updates (those run once, at the end of the forward graph),
+so no freezing is needed there, and none could be traced.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +43,8 @@ def batchnorm_statistics_frozen(module: nn.Module) -> Iterator[None]:
 
 def checkpointed_call(layer: nn.Module, *args: Any, **checkpoint_kwargs: Any) -> Any:
     """layer(*args), its activations recomputed in backward; BatchNorm statistics updated once, in the forward."""
+    if torch.compiler.is_compiling():
+        return checkpoint(layer, *args, use_reentrant=False, **checkpoint_kwargs)
     context: Callable = lambda: (contextlib.nullcontext(), batchnorm_statistics_frozen(layer))  # noqa: E731
     return checkpoint(layer, *args, use_reentrant=False, context_fn=context, **checkpoint_kwargs)
 

@@ -216,6 +216,26 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
     assert not checkpointed.is_gradient_checkpointing
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_gradient_checkpointing_under_torch_compile(fullgraph):
+    """Compiled, the recomputation is AOTAutograd's: the same step as eager without checkpointing, BatchNorm
+    statistics counted once (float64 and no dropout, so that the two can be held to equality)."""
+    small = dict(depth=[1, 2], embed_dim=[16, 32], num_heads=[1, 2], cls_token=[False, True], num_labels=5)
+    torch.manual_seed(0)
+    plain = randomize_(cvt_fast.CvtForImageClassification(CvtConfig(**small, drop_path_rate=[0.0, 0.0])))
+    plain = plain.double().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    compiled = torch.compile(checkpointed, backend="aot_eager", fullgraph=fullgraph)
+    x, labels = torch.randn(3, 3, 40, 32, dtype=torch.float64), torch.tensor([0, 4, 2])
+    for step in range(2):
+        assert torch.equal(training_step(plain, x, labels, step), training_step(compiled, x, labels, step))
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+    for (name, buffer), other in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        torch.testing.assert_close(other, buffer, rtol=1e-12, atol=0, msg=name)
+
+
 def test_gradient_checkpointing_refuses_reentrant_recomputation():
     model = cvt_fast.CvtModel(CvtConfig(**SMALL))
     with pytest.raises(ValueError, match="use_reentrant=True is not supported"):
