@@ -66,3 +66,12 @@ def test_autograd_training_and_compilers_keep_f_linear(monkeypatch):
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         assert rel_err(compiled(x), definition(x, layer.weight, layer.bias)) < 1e-5 and calls == [1]
     assert not dispatch.use_onednn_linear(x.double(), layer.weight.double())  # float64: F.linear
+
+
+def test_cpu_autocast_casts_as_it_casts_f_linear():
+    """Under torch.autocast("cpu", bfloat16) a float32 layer computes in bfloat16, as transformers' nn.Linear does."""
+    layer = CvtLinear(64, 32).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, expected = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected)
