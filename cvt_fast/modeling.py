@@ -22,10 +22,21 @@ from .config import CvtConfig
 from .dispatch import prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
-# ---- linear layers ------------------------------------------------------------------------------------------
+# ---- modules with cached derived weights --------------------------------------------------------------------
 
 
-class CvtLinear(nn.Linear):
+class ForgetsCachedWeights:
+    """For modules whose inference reads a cached derivative of their parameters (BatchNorm folded into the conv,
+    a oneDNN-packed linear weight): .to(), .half() and .cuda() go through _apply, which replaces the parameters'
+    data, so the entries derived from the old data are dropped first instead of being kept alive (with the old
+    storages) until a forward in the old dtype and device, which may never come."""
+
+    def _apply(self, fn, recurse=True):
+        ops.forget_cached(self.parameters())
+        return super()._apply(fn, recurse)
+
+
+class CvtLinear(ForgetsCachedWeights, nn.Linear):
     """nn.Linear (same parameters, same keys) whose CPU inference runs on oneDNN with a prepacked weight
     (cvt_fast.ops.linear); everywhere else it is F.linear."""
 
@@ -62,7 +73,7 @@ class CvtEmbeddings(nn.Module):
 # ---- attention ----------------------------------------------------------------------------------------------
 
 
-class CvtSelfAttentionConvProjection(nn.Module):
+class CvtSelfAttentionConvProjection(ForgetsCachedWeights, nn.Module):
     def __init__(self, embed_dim: int, kernel_size: int, padding: int, stride: int):
         super().__init__()
         self.convolution = nn.Conv2d(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -48,11 +48,29 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 # alive so that their addresses cannot be reused. Only in-place edits through .data bypass the version counter, as
 # they do for autograd: clear_fold_cache() after those. Keyed by (kind, id() of the first weight) (tensors compare
 # elementwise, so they cannot be dict keys); an entry goes when that weight tensor does.
+# The linear layers' oneDNN packs (`linear` below) live in the same cache. Modules that own cached sources call
+# forget_cached() before .to() / .half() / .cuda() replace their data, so the superseded entries (and the old
+# storages they keep alive) go at once rather than at the next forward of the same dtype, which may never come.
 _fold_cache: dict[tuple[str, int], tuple] = {}
+_watched: set[int] = set()  # id()s of first sources with a finalizer that drops their entries
 
 
 def clear_fold_cache() -> None:
+    """Drop every cached BatchNorm fold and packed linear weight (needed only after edits through .data)."""
     _fold_cache.clear()
+
+
+def forget_cached(tensors: Iterable[torch.Tensor]) -> None:
+    """Drop the cache entries derived from these tensors (those keyed by them)."""
+    ids = {id(t) for t in tensors}
+    for slot in [slot for slot in _fold_cache if slot[1] in ids]:
+        del _fold_cache[slot]
+
+
+def _tensor_gone(tensor_id: int) -> None:
+    _watched.discard(tensor_id)
+    for slot in [slot for slot in _fold_cache if slot[1] == tensor_id]:
+        del _fold_cache[slot]
 
 
 def _cached_fold(kind: str, sources: Sequence[torch.Tensor], extra_key: tuple, compute: Callable[[], tuple]):
@@ -72,8 +90,9 @@ def _cached_fold(kind: str, sources: Sequence[torch.Tensor], extra_key: tuple, c
                 return hit[1]
     result = compute()
     if cacheable:
-        if slot not in _fold_cache:
-            weakref.finalize(sources[0], _fold_cache.pop, slot, None)
+        if slot[1] not in _watched:
+            _watched.add(slot[1])
+            weakref.finalize(sources[0], _tensor_gone, slot[1])
         _fold_cache[slot] = (key, result, tuple(t.untyped_storage() for t in sources))
     return result
 

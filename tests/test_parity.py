@@ -297,3 +297,21 @@ def test_eager_inference_honours_edited_weights(edit):
             hf.get_submodule(name).eps = module.eps
     with torch.inference_mode():
         assert_close(ours(x).logits, hf(x).logits, f"logits after {edit}")
+
+
+def test_dtype_changes_drop_what_was_cached_from_the_old_weights():
+    """.to() / .half() replace the parameters' data: the BatchNorm folds and packed linear weights cached from the
+    old data (and the old storages they hold) must go then, not linger until a forward in the old dtype."""
+    from cvt_fast import ops
+
+    kwargs = random_config_kwargs(3, stages=2)
+    hf, ours = model_pair(kwargs)
+    x = torch.randn(2, kwargs["num_channels"], *random_image_size(kwargs, 3))
+    ids = {id(p) for p in ours.parameters()}
+    with torch.inference_mode():
+        ours(x)
+    assert sum(slot[1] in ids for slot in ops._fold_cache) >= 3 * sum(kwargs["depth"])  # at least the conv folds
+    ours.double()
+    assert not [slot for slot in ops._fold_cache if slot[1] in ids]
+    with torch.inference_mode():
+        assert_close(ours(x.double()).logits, hf.double()(x.double()).logits, "logits after .double()")
