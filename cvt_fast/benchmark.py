@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, CvtConfig
+from .config import CvtConfig, preset_named
 from .modeling import CvtForImageClassification
 from .testing import randomize_
 
@@ -243,7 +243,7 @@ def bench_case(
     dtype = DTYPES[dtype_name]
     versions = _versions()
     generator = torch.Generator().manual_seed(0)
-    config = PRESETS[model_name].config() if model_name in PRESETS else CvtConfig.from_pretrained(model_name)
+    config = CvtConfig.from_pretrained(model_name)  # a preset name or a config file
     base = randomize_(CvtForImageClassification(config, backend="eager").eval(), generator)
     pixel_values = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator)
 
@@ -441,7 +441,7 @@ def run(
     cases = [
         (model, size, batch, dtype)
         for model in models
-        for size in (sizes or [PRESETS[model].image_size if model in PRESETS else 224])
+        for size in (sizes or [preset_named(model).image_size if preset_named(model) else 224])
         for batch in batches
         for dtype in dtypes
     ]

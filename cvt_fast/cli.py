@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRESETS
+from .config import PRESETS, preset_named
 
 
 class Refusal(Exception):
@@ -358,8 +358,8 @@ def _check_models(models: list[str], sizes: list[int], option: str = "--sizes") 
     from .config import CvtConfig
 
     for name in models:
-        if name in PRESETS:
-            config = PRESETS[name].config()
+        if preset_named(name) is not None:
+            config = preset_named(name).config()
         elif Path(name).exists():
             config = CvtConfig.from_pretrained(name)  # its refusals name the file
         else:

@@ -397,9 +397,11 @@ class CvtConfig:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtConfig:
-        """Read config.json from a directory, a config file, a preset name ("cvt-13") or a hub id."""
-        if str(name_or_path) in PRESETS:
-            return PRESETS[str(name_or_path)].config(**overrides)
+        """Read config.json from a directory, a config file, a preset name ("cvt-13", unless a file or folder of
+        that name exists) or a hub id."""
+        preset = preset_named(name_or_path)
+        if preset is not None:
+            return preset.config(**overrides)
         path = Path(name_or_path)
         if path.is_file():
             return cls.from_json_file(path, **overrides)
@@ -556,6 +558,12 @@ PRESETS: dict[str, Preset] = {
         Preset("cvt-w24-384", 384, _CVT_W24),
     )
 }
+
+
+def preset_named(name: str | os.PathLike) -> Preset | None:
+    """The preset called `name`, unless a file or folder of that name exists: a checkpoint downloaded or saved as
+    ./cvt-13 is the user's, not the preset."""
+    return None if Path(name).exists() else PRESETS.get(str(name))
 
 
 def preset(name: str) -> Preset:

@@ -80,11 +80,13 @@ class CvtImageProcessor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtImageProcessor:
-        """Read preprocessor_config.json from a checkpoint directory (or hub id), or a preset name like "cvt-13"."""
-        from .config import PRESETS
+        """Read preprocessor_config.json from a checkpoint directory (or hub id), or a preset name like "cvt-13"
+        (unless a file or folder of that name exists)."""
+        from .config import preset_named
 
-        if str(name_or_path) in PRESETS:
-            return cls(size=PRESETS[str(name_or_path)].image_size, **overrides)
+        preset = preset_named(name_or_path)
+        if preset is not None:
+            return cls(size=preset.image_size, **overrides)
         from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME])

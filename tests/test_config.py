@@ -102,6 +102,20 @@ def test_longer_stage_lists_are_accepted_as_transformers_does():
     assert config.num_stages == 2
 
 
+def test_a_folder_named_like_a_preset_is_the_users(tmp_path, monkeypatch):
+    """A checkpoint downloaded or saved as ./cvt-13-384 is read from disk, config and preprocessing alike."""
+    from cvt_fast.image_processing import CvtImageProcessor
+
+    monkeypatch.chdir(tmp_path)
+    assert CvtImageProcessor.from_pretrained("cvt-13-384").size == 384  # no such folder yet: the preset
+    mine = CvtConfig(depth=[1, 1], embed_dim=[16, 32], num_heads=[1, 2], num_labels=3)
+    mine.save_pretrained("cvt-13-384")
+    CvtImageProcessor(size=96, crop_pct=1.0).save_pretrained("cvt-13-384")
+    assert CvtConfig.from_pretrained("cvt-13-384") == mine
+    processor = CvtImageProcessor.from_pretrained("cvt-13-384")
+    assert (processor.size, processor.crop_pct) == (96, 1.0)
+
+
 def test_unknown_preset_and_wrong_model_type():
     with pytest.raises(KeyError, match="unknown preset"):
         preset("cvt-99")
