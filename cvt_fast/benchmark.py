@@ -216,15 +216,24 @@ def _time_cuda(fn: Callable, inputs: list[torch.Tensor]) -> float:
     return float(triton.testing.do_bench(lambda: fn(next(rotation)), warmup=50, rep=300, return_mode="median"))
 
 
-def _reference_logits(base, pixel_values: torch.Tensor, device: torch.device, chunk: int = 16) -> torch.Tensor:
-    """float32 eager logits (transformers' when installed), a few images at a time to bound memory."""
+def _reference_logits(
+    base, pixel_values: torch.Tensor, device: torch.device, chunk: int = 16
+) -> tuple[torch.Tensor, str | None]:
+    """float32 eager logits, a few images at a time to bound memory: transformers' when it is installed and can run
+    the config (it crashes on some that cvt_fast runs, such as a stage no deeper than its index), else cvt_fast's
+    own eager model, with a note saying so."""
+
+    def logits(model):
+        with torch.inference_mode():
+            return torch.cat([model(part.to(device)).logits.double().cpu() for part in pixel_values.split(chunk)])
+
     try:
-        model = _transformers_model(base).to(device)
+        return logits(_transformers_model(base).to(device)), None
     except ImportError:
-        model = copy.deepcopy(base).to(device)
-    with torch.inference_mode():
-        chunks = [model(part.to(device)).logits.double().cpu() for part in pixel_values.split(chunk)]
-    return torch.cat(chunks)
+        note = "errors against cvt_fast eager float32 (transformers is not installed)"
+    except Exception as error:  # noqa: BLE001 - whatever transformers raises on a config it cannot run
+        note = f"errors against cvt_fast eager float32: transformers cannot run this config ({type(error).__name__})"
+    return logits(copy.deepcopy(base).to(device)), note
 
 
 def bench_case(
@@ -248,7 +257,7 @@ def bench_case(
     pixel_values = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator)
 
     progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: references")
-    reference = _reference_logits(base, pixel_values, device)
+    reference, reference_note = _reference_logits(base, pixel_values, device)
     with torch.inference_mode():  # how far float32 itself is from float64, on a couple of images
         reference64 = copy.deepcopy(base).double()(pixel_values[:2].double()).logits
     ref64_err = (reference[:2] - reference64).abs().max().item()
@@ -271,6 +280,8 @@ def bench_case(
             ref64_err=ref64_err,
             **{"images_per_s": None, "ms_per_batch": None, "peak_mem_bytes": None, "max_err": None, **fields},
         )
+        if records[name].note is None:
+            records[name].note = reference_note
 
     def final(name):
         if on_record is not None:
@@ -350,11 +361,17 @@ def markdown_table(records: list[Record], baseline: str = "transformers-eager") 
         speed = f"{r.images_per_s:.1f}" if r.images_per_s else (f"error: {r.error}" if r.error else "-")
         ratio = f"{r.images_per_s / base.images_per_s:.2f}x" if r.images_per_s and base and base.images_per_s else "-"
         mem = f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes else "-"
-        err = r.note or (f"{r.max_err:.1e}" if r.max_err is not None else "-")
+        err = _error_text(r) or "-"
         compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
         cells = (r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem, err, compile_s)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _error_text(r: Record, prefix: str = "") -> str:
+    """The max error and, in brackets, the note on what it was measured against, whichever exist."""
+    parts = [f"{prefix}{r.max_err:.1e}" if r.max_err is not None else "", f"({r.note})" if r.note else ""]
+    return " ".join(part for part in parts if part)
 
 
 def plot(records: list[Record], path: Path) -> bool:
@@ -464,7 +481,7 @@ def run(
         progress.clear()  # type: ignore[attr-defined]
         for r in case_records:
             speed = f"{r.images_per_s:8.1f} images/s" if r.images_per_s else f"error: {r.error}"
-            err = r.note or (f"max err {r.max_err:.1e}" if r.max_err is not None else "")
+            err = _error_text(r, prefix="max err ")
             compile_s = f"  (compile {r.compile_s:.1f} s)" if r.compile_s is not None else ""
             print(
                 f"{model} {size}px batch {batch:>3} {dtype:>8}  {r.implementation:<24} {speed}  {err}{compile_s}",

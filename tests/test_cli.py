@@ -102,6 +102,21 @@ def test_bench_short_run_writes_records(tmp_path):
     assert "| cvt_fast-eager |" in (tmp_path / "out" / "bench.md").read_text()
 
 
+def test_bench_measures_configs_transformers_cannot_run(tmp_path):
+    """A stage no deeper than its index crashes transformers' CvT; cvt_fast runs it, so the benchmark measures it,
+    its errors against cvt_fast's own float32 eager model, and says so."""
+    from cvt_fast.benchmark import bench_case
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"depth": [1, 1], "embed_dim": [16, 32], "num_heads": [1, 2], "model_type": "cvt"}))
+    implementations = ["transformers-eager", "cvt_fast-eager"]
+    records = bench_case(str(config), 32, 2, "float32", implementations, torch.device("cpu"), 1, lambda _: None)
+    theirs, ours = records
+    assert theirs.error.startswith("IndexError") and theirs.images_per_s is None
+    assert ours.images_per_s > 0 and ours.max_err == 0.0  # the same eager model in the same dtype
+    assert "transformers cannot run this config" in ours.note
+
+
 def test_bench_refuses_to_time_kernels_under_the_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = run_cli("bench", "--implementations", "cvt_fast-triton", "--device", "cpu", env=env, cwd=tmp_path)
