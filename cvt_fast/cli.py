@@ -334,7 +334,8 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
         if not _has_onnx_runtime():
             chosen.remove("onnxruntime")
             print(
-                "note: onnxruntime or onnxscript is not installed; skipping onnxruntime (pip install 'cvt-fast[onnx]')"
+                "note: onnxruntime or onnxscript is not installed; skipping onnxruntime "
+                "(pip install onnx onnxscript 'onnxruntime>=1.22')"
             )
     kernel_users = [name for name in chosen if "triton" in name]
     if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
@@ -423,7 +424,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cvt-fast", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cvt-fast", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True)
 
     classify = sub.add_parser(

@@ -69,7 +69,7 @@ def require(*names: str) -> None:
             missing.append(name)
     if missing:
         raise MissingDependencyError(
-            f"ONNX export needs {', '.join(missing)}: pip install 'cvt-fast[onnx]' (onnx, onnxscript, onnxruntime)"
+            f"ONNX export needs {', '.join(missing)}: pip install onnx onnxscript 'onnxruntime>=1.22' (the onnx extra)"
         )
 
 

@@ -88,7 +88,8 @@ def test_missing_onnx_packages_get_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(builtins, "__import__", without_onnxscript)
     assert cli.main(["export", "--model", str(tmp_path), "--output", str(tmp_path / "m.onnx")]) == 2
     assert capsys.readouterr().err == (
-        "cvt-fast export: ONNX export needs onnxscript: pip install 'cvt-fast[onnx]' (onnx, onnxscript, onnxruntime)\n"
+        "cvt-fast export: ONNX export needs onnxscript: "
+        "pip install onnx onnxscript 'onnxruntime>=1.22' (the onnx extra)\n"
     )
 
 
@@ -151,7 +152,7 @@ def test_cpu_defaults_follow_the_machine(monkeypatch, capsys):
         importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name)
     )
     assert "onnxruntime" not in cli._implementations(None, torch.device("cpu"))
-    assert "skipping onnxruntime (pip install 'cvt-fast[onnx]')" in capsys.readouterr().out
+    assert "skipping onnxruntime (pip install onnx onnxscript 'onnxruntime>=1.22')" in capsys.readouterr().out
     monkeypatch.setattr(benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
     assert benchmark.cpu_native_bfloat16() is None
     monkeypatch.setattr(
