@@ -102,12 +102,23 @@ def list_images(source: str) -> Listing:
     if not source:
         raise ClassifyRefused("argument --input: an empty name is not a folder or a file")
     if os.path.isdir(source):
-        return _list_folder(source)
+        return _list_folder(folder_as_written(source))
     if os.path.isfile(source):
         return _list_file(source)
     if not os.path.exists(source):
         raise ClassifyRefused(f"argument --input: {source}: no such folder or file")
     raise ClassifyRefused(f"argument --input: {source} is neither a folder nor a file")
+
+
+def folder_as_written(folder: str) -> str:
+    """The folder as every result path begins with it: the spelling given, less what changes neither the folder nor
+    how the paths read once tidied (repeated and trailing slashes, inner "." segments). A leading "./" stays, as
+    does "..": through a symbolic link, "a/.." is not where dropping it would lead."""
+    parts = [part for part in folder.split(os.sep) if part not in ("", ".")]
+    if not parts:
+        return os.sep if folder.startswith(os.sep) else "."
+    head = os.sep if folder.startswith(os.sep) else ("." + os.sep if folder.startswith("." + os.sep) else "")
+    return head + os.sep.join(parts)
 
 
 def _list_folder(folder: str) -> Listing:
@@ -296,6 +307,8 @@ def run_record(checkpoint: Path, processor, source: str, top_k: int, dtype: torc
     }
     if os.path.isfile(source):  # a list's relative paths are read from the working directory
         record["working_directory"] = os.getcwd()
+    else:  # the result paths begin with the folder as written: another spelling would redo every image
+        record["input_as_written"] = folder_as_written(source)
     return record
 
 

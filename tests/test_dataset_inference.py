@@ -341,6 +341,34 @@ def test_a_finished_run_rerun_does_nothing_and_a_new_image_only_adds_itself(caps
     assert [json.loads(line)["path"] for line in lines] == sorted(json.loads(line)["path"] for line in lines)
 
 
+def test_a_rerun_may_spell_the_folder_differently_but_not_move_the_paths(
+    capsys, workspace, tmp_path, monkeypatch, count_reads
+):
+    """`images`, `images/` and `images//.` give the same result paths, so any of them resumes the run; `./images` or
+    an absolute spelling would change every path (and redo every image), so they are refused, naming the spelling."""
+    root, _ = workspace
+    shutil.copytree(root / "images", tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", root / "ckpt", "--output", "results.jsonl", "--workers", "0"]
+    assert classify(capsys, *args, "--input", "images/")[0] == 0
+    before = (tmp_path / "results.jsonl").read_bytes()
+    assert json.loads(before.splitlines()[0])["path"].startswith("images/bad")
+    for spelling in ("images", "images//", "images//."):
+        count_reads.clear()
+        status, out, _ = classify(capsys, *args, "--input", spelling)
+        assert status == 0 and count_reads == [] and (tmp_path / "results.jsonl").read_bytes() == before, spelling
+    for spelling in ("./images", str(tmp_path / "images")):
+        status, _, err = classify(capsys, *args, "--input", spelling)
+        assert status == 2 and 'input_as_written "images" then, ' in err[0], spelling
+    assert [di.folder_as_written(f) for f in ("/", "./", ".//a/./b/", "a/../b", "/x//")] == [
+        "/",
+        ".",
+        "./a/b",
+        "a/../b",
+        "/x",
+    ]
+
+
 def test_other_options_or_a_foreign_output_are_refused_and_overwrite_starts_over(capsys, workspace, tmp_path):
     root, _ = workspace
     output = tmp_path / "results.jsonl"
