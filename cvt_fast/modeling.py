@@ -388,6 +388,12 @@ class CvtPreTrainedModel(nn.Module):
         self._backend = resolve_backend(backend)
         prepare_backend(self._backend)
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() make their new tensors outside inference mode, as from_pretrained does, so that
+        # they keep version counters (what the folded-weight caches key on) when called under inference_mode.
+        with torch.inference_mode(False):
+            return super()._apply(fn, recurse)
+
     @property
     def backend(self) -> str:
         return self._backend

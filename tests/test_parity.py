@@ -315,3 +315,21 @@ def test_dtype_changes_drop_what_was_cached_from_the_old_weights():
     assert not [slot for slot in ops._fold_cache if slot[1] in ids]
     with torch.inference_mode():
         assert_close(ours(x.double()).logits, hf.double()(x.double()).logits, "logits after .double()")
+
+
+def test_a_model_loaded_and_moved_under_inference_mode_is_cached_like_any(tmp_path):
+    """Serving code often loads inside torch.inference_mode; tensors made there keep no version counter, which the
+    caches need. from_pretrained and .to() make theirs outside it, so the model is cached and stays trainable."""
+    from cvt_fast import ops
+
+    kwargs = random_config_kwargs(4, stages=2, qkv_projection_method=["dw_bn", "dw_bn"])
+    hf, ours = model_pair(kwargs)
+    ours.save_pretrained(tmp_path)
+    x = torch.randn(2, kwargs["num_channels"], *random_image_size(kwargs, 4))
+    with torch.inference_mode():
+        loaded = cvt_fast.CvtForImageClassification.from_pretrained(tmp_path).double()
+        logits = loaded(x.double()).logits
+    assert not [name for name, t in loaded.state_dict().items() if t.is_inference()]
+    ids = {id(p) for p in loaded.parameters()}
+    assert sum(slot[1] in ids for slot in ops._fold_cache) >= 3 * sum(kwargs["depth"])
+    assert_close(logits, hf.double()(x.double()).logits, "logits of the model loaded under inference_mode")
