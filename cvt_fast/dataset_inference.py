@@ -533,7 +533,9 @@ def classify_batch(model, batch: Batch, paths: Sequence[str], top_k: int) -> tup
         try:  # only a preprocessor that keeps sizes as they come can hand the model images it cannot take
             check_image_size(model.config, *pixels.shape[-2:])
             with torch.inference_mode():
-                logits = model(pixels.to(model.device, model.dtype, non_blocking=True)).logits
+                # copy from the pinned float32 batch first, then cast on the device: a cast on the way would be
+                # made on the CPU, into unpinned memory, and make the copy a synchronous one
+                logits = model(pixels.to(model.device, non_blocking=True).to(model.dtype)).logits
         except ValueError as error:  # the model's input checks: the same answer for every image of this size
             lines.update({i: result_line(paths[i], error=f"after preprocessing, {error}") for i in indices})
             unreadable += len(indices)
