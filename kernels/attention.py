@@ -142,13 +142,20 @@ _CANDIDATES = [
 ]
 # float32 (three TF32 products per dot): 16-key blocks keep the registers under 255.
 _FP32_CANDIDATES = [AttentionConfig(64, 16, 4, 2), AttentionConfig(64, 16, 4, 1), AttentionConfig(64, 16, 4, 3)]
-_autotuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
-        for c in _CANDIDATES
-    ],
-    key=["Nq", "Nk", "HEAD_DIM", "tune_programs"],
-)(_attention_kernel)
+
+
+def _autotuner(candidates: list[AttentionConfig]):
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in candidates
+        ],
+        key=["Nq", "Nk", "HEAD_DIM", "tune_programs"],
+    )(_attention_kernel)
+
+
+# One per candidate list: float32 must never be tuned over tiles that spill its registers.
+_autotuned = {"half": _autotuner(_CANDIDATES), "float32": _autotuner(_FP32_CANDIDATES)}
 _tuned_keys: set[tuple] = set()  # what the autotuner has already measured (it cannot inside a CUDA graph capture)
 
 
@@ -227,7 +234,8 @@ def flash_attention(
         if os.environ.get("CVT_FAST_AUTOTUNE") == "1" and config is None and not TRITON_INTERPRET:
             _check_tuned_before_capture((n_q, n_k, head_dim, tune_bucket, q.dtype))
             grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * programs,)  # noqa: E731
-            _autotuned[grid](*args, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
+            tuner = _autotuned["float32" if q.dtype == torch.float32 else "half"]
+            tuner[grid](*args, HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision)
         else:
             if config is None:
                 config = default_config(n_q, n_k, head_dim, q.dtype, programs, multiprocessor_count(q.device))

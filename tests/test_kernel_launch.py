@@ -25,6 +25,36 @@ def test_autotuning_is_refused_inside_graph_capture_until_the_shape_is_tuned(mon
     attention._check_tuned_before_capture(key)  # and capture may follow
 
 
+@pytest.mark.parametrize(
+    "dtype, tuner", [(torch.float32, "float32"), (torch.bfloat16, "half"), (torch.float16, "half")]
+)
+def test_autotuning_tries_only_the_dtypes_candidates(monkeypatch, dtype, tuner):
+    """float32 runs three TF32 products per dot and spills registers on the half-precision tiles: it is tuned over
+    its own candidates."""
+    tried = {
+        name: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in autotuner.configs]
+        for name, autotuner in attention._autotuned.items()
+    }
+    assert tried["float32"] == [tuple(c) for c in attention.candidate_configs(torch.float32)]
+    assert tried["half"] == [tuple(c) for c in attention.candidate_configs(torch.bfloat16)]
+
+    calls = []
+
+    class StandIn:  # records which autotuner the launcher picks; launches nothing
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(self.name)
+
+    monkeypatch.setenv("CVT_FAST_AUTOTUNE", "1")
+    monkeypatch.setattr(attention, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(attention, "_autotuned", {name: StandIn(name) for name in attention._autotuned})
+    q, k = torch.zeros(1, 64, 64, dtype=dtype), torch.zeros(1, 16, 64, dtype=dtype)
+    attention.flash_attention(q, k, k, num_heads=1, scale=0.125)
+    assert calls == [tuner]
+
+
 def test_cpu_tensors_launch_without_switching_devices():
     assert type(launch.launch_guard(torch.empty(1))).__name__ == "nullcontext"
     assert launch.multiprocessor_count(torch.device("cpu")) == launch.HOPPER_SMS
