@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         lines = _user_error_lines(error)
-        if lines is None and type(error).__name__ == "ExportError":  # an export that failed its own check: say so
+        export = sys.modules.get("cvt_fast.export")  # imported whenever an ExportError can have been raised
+        if lines is None and export is not None and isinstance(error, export.ExportError):  # failed its own check
             print(f"{prog}: {error}", file=sys.stderr)
             return 1
         if lines is None:

@@ -145,7 +145,9 @@ def choose_kernel(
         )
     reason = _environment_reason(tensors, backend)
     if reason is not None and backend == "triton":
-        raise KernelUnavailableError(f"backend='triton' cannot run {op}: {reason}. Use backend='auto' to fall back.")
+        raise KernelUnavailableError(
+            f"backend='triton' cannot run {op}: {reason}. Use backend='auto' (--backend auto) to fall back."
+        )
     reason = reason or unsupported  # what the op does not cover runs eagerly under either backend
     if reason is None:
         return None

@@ -30,7 +30,6 @@ from ..dispatch import TRITON_INTERPRET
 from .launch import launch_guard, multiprocessor_count
 
 LOG2E = 1.4426950408889634
-FP32_MAX_HEAD_DIM = 64  # beyond it float32 tiles spill registers on sm_90 (tests/test_kernels_compile.py)
 
 
 @triton.jit

@@ -75,6 +75,18 @@ def test_a_file_that_fails_validation_is_never_written(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary file left either
 
 
+def test_the_cli_reports_a_failed_validation_in_one_line_with_status_1(tmp_path, monkeypatch, capsys):
+    """Not the user's doing (status 1, not 2), yet no traceback: the check that failed is the message."""
+    from cvt_fast import cli
+
+    cvt_fast.CvtForImageClassification(cvt_fast.CvtConfig(**CONFIG)).save_pretrained(tmp_path / "checkpoint")
+    monkeypatch.setattr(export, "_validate", lambda path, traced, inputs: [((1, 3, 48, 48), 3e-2)])
+    assert cli.main(["export", "--model", str(tmp_path / "checkpoint"), "--output", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("cvt-fast export: ") and "over 1e-04: not written" in err[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_missing_onnx_packages_get_one_line(monkeypatch, capsys, tmp_path):
     import builtins
 
