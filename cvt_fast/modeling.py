@@ -390,7 +390,11 @@ class CvtPreTrainedModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() make their new tensors outside inference mode, as from_pretrained does, so that
-        # they keep version counters (what the folded-weight caches key on) when called under inference_mode.
+        # they keep version counters (what the folded-weight caches key on) when called under inference_mode. Not
+        # for parameters that are inference tensors already (a copy made under inference_mode): they keep their
+        # data in place, and ordinary data in an inference parameter is a state no op accepts.
+        if any(p.is_inference() for p in self.parameters()):
+            return super()._apply(fn, recurse)
         with torch.inference_mode(False):
             return super()._apply(fn, recurse)
 

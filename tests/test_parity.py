@@ -333,3 +333,6 @@ def test_a_model_loaded_and_moved_under_inference_mode_is_cached_like_any(tmp_pa
     ids = {id(p) for p in loaded.parameters()}
     assert sum(slot[1] in ids for slot in ops._fold_cache) >= 3 * sum(kwargs["depth"])
     assert_close(logits, hf.double()(x.double()).logits, "logits of the model loaded under inference_mode")
+    with torch.inference_mode():  # a copy made here is of inference tensors, which .to() must leave consistent
+        copied = copy.deepcopy(loaded).float()
+        assert_close(copied(x).logits, hf.float()(x).logits, "logits of a copy made and moved under inference_mode")
