@@ -515,7 +515,7 @@ def _user_error_lines(error: Exception) -> tuple[str, ...] | None:
     from .loading import CheckpointError, one_line
 
     if isinstance(error, ClassifyRefused):
-        return error.lines
+        return () if error.reported else error.lines
     if isinstance(error, CheckpointError):
         return (error.problem,)  # without the remedy: it is a from_pretrained argument, which the CLI has not
     if isinstance(error, (ConfigError, BenchmarkRefused, KernelUnavailableError, FileNotFoundError, ImportError)):

@@ -43,6 +43,7 @@ SCORE_DECIMALS = 6  # a probability to 1e-6 is all a reader uses, and it keeps a
 # that dies does not leave the others waiting: torchrun stops them all.
 COORDINATION_TIMEOUT = timedelta(hours=24)
 UNREADABLE_SHOWN = 20
+PROG = "cvt-fast classify"  # the command this module serves, which begins each line it prints for the user
 
 T = TypeVar("T")
 
@@ -53,6 +54,8 @@ class ClassifyRefused(Exception):
     def __init__(self, *lines: str):
         super().__init__("\n".join(lines))
         self.lines = lines
+        self.agreed = False  # every rank raised it together (Coordinator.agree)
+        self.reported = False  # already printed (by rank 0, before any rank exited)
 
 
 class UnreadableImage(Exception):
@@ -646,7 +649,9 @@ class Coordinator:
             value, refusal = None, refused.lines
         for rank, lines in enumerate(self.gather(refusal)):
             if lines:
-                raise ClassifyRefused(*(lines if rank == 0 else [f"rank {rank}: {line}" for line in lines]))
+                refused = ClassifyRefused(*(lines if rank == 0 else [f"rank {rank}: {line}" for line in lines]))
+                refused.agreed = True
+                raise refused
         return value
 
     def close(self) -> None:
@@ -708,8 +713,19 @@ def classify_dataset(options: Options, ranks: Ranks | None = None, out=None, err
     """The whole run on this rank; rank 0 merges and prints the summary to `out` (progress and notes go to `err`)."""
     ranks = ranks or Ranks.from_env()
     coordinator = Coordinator(ranks)
+    err = err or sys.stderr
     try:
-        return _run(options, ranks, coordinator, out or sys.stdout, err or sys.stderr)
+        return _run(options, ranks, coordinator, out or sys.stdout, err)
+    except ClassifyRefused as refused:
+        if refused.agreed and coordinator.distributed:
+            # torchrun stops the other processes as soon as one exits: rank 0 prints the refusal, and only then
+            # does any rank leave, so that it is never lost with the process that would have printed it
+            if ranks.rank == 0:
+                for line in refused.lines:
+                    print(f"{PROG}: {line}", file=err, flush=True)
+            coordinator.gather(None)
+            refused.reported = True
+        raise
     finally:
         coordinator.close()
 
@@ -747,7 +763,8 @@ def _run(options: Options, ranks: Ranks, coordinator: Coordinator, out, err) -> 
 
 
 def _look(options: Options, ranks: Ranks):
-    """Everything checked before a file is written or the model read: (listing, this rank's device, run record)."""
+    """Everything checked before a file is written or the model read: (listing, this rank's device, run record; the
+    record on rank 0 only, which alone writes or checks it: it hashes every checkpoint file)."""
     listing = list_images(options.source)
     check_output(options.output, options.source, listing.paths)
     device = resolve_device(options.device, ranks)
@@ -755,9 +772,11 @@ def _look(options: Options, ranks: Ranks):
         raise ClassifyRefused(f"{options.checkpoint} has no config.json")
     with _as_refusals():
         _check_preprocessed_size(options)
-        record = run_record(
-            options.checkpoint, options.processor, options.source, options.top_k, options.dtype, options.backend
-        )
+        record = None
+        if ranks.rank == 0:
+            record = run_record(
+                options.checkpoint, options.processor, options.source, options.top_k, options.dtype, options.backend
+            )
     return listing, device, record
 
 

@@ -553,7 +553,10 @@ def test_a_refusal_on_one_rank_is_printed_once_by_rank_0_and_every_rank_exits_2(
         f"cvt-fast classify: rank 1: argument --output: cannot write {output}.parts/rank-1.jsonl ([Errno 21] Is a "
         f"directory: '{output}.parts/rank-1.jsonl')"
     ]
-    assert result.stderr.count("exitcode  : 2") == 2 and result.returncode == 1  # torchrun's report of both ranks
+    # torchrun's report of both ranks: each exits with 2, unless torchrun stops it first, having seen the other exit
+    # (rank 0 prints before any rank leaves, so the line above is there either way)
+    codes = sorted(line.split(":")[1].split()[0] for line in result.stderr.splitlines() if "exitcode  :" in line)
+    assert codes in (["2", "2"], ["-15", "2"]) and result.returncode == 1, result.stderr
 
 
 SLOW_RANKS = """
