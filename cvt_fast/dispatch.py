@@ -67,12 +67,14 @@ ONEDNN_LINEAR_VAR = "CVT_FAST_ONEDNN_LINEAR"  # "0" keeps linear layers on F.lin
 def use_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a linear layer runs on oneDNN with a prepacked weight: on the CPU in float32 or bfloat16, not while
     autograd records (training) or torch.compile / torch.export traces (they bring their own GEMMs), not under CPU
-    autocast (which casts F.linear's operands, and knows nothing of oneDNN's op), oneDNN present."""
+    autocast (which casts F.linear's operands, and knows nothing of oneDNN's op), oneDNN present, a weight with
+    elements."""
     return (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
         and not torch.is_autocast_enabled("cpu")
         and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.numel() > 0  # oneDNN has no zero-width product (an mlp_ratio of 0 makes one); F.linear does
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()

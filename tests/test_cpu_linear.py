@@ -68,6 +68,15 @@ def test_autograd_training_and_compilers_keep_f_linear(monkeypatch):
     assert not dispatch.use_onednn_linear(x.double(), layer.weight.double())  # float64: F.linear
 
 
+@pytest.mark.parametrize("out_features, in_features, rows", [(0, 8, 5), (4, 0, 5), (4, 8, 0)])
+def test_empty_products_give_what_f_linear_gives(out_features, in_features, rows):
+    """A zero-width MLP (mlp_ratio 0, which transformers accepts) or an empty batch: oneDNN has no such product."""
+    layer = CvtLinear(in_features, out_features).eval()
+    x = torch.randn(2, rows, in_features)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_cpu_autocast_casts_as_it_casts_f_linear():
     """Under torch.autocast("cpu", bfloat16) a float32 layer computes in bfloat16, as transformers' nn.Linear does."""
     layer = CvtLinear(64, 32).eval()
