@@ -22,6 +22,7 @@ import torch
 import cvt_fast
 from cvt_fast import cli
 from cvt_fast import dataset_inference as di
+from cvt_fast.dataset_inference import loader
 from cvt_fast.image_processing import CvtImageProcessor
 from cvt_fast.testing import randomize_
 
@@ -134,7 +135,7 @@ def assert_complete_and_right(records: list[dict], root: Path, readable: list[st
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """The paths decoded in this process (--workers 0), in order."""
+    """The paths decoded in this process (--workers 0), in order (patched where the loader's dataset looks it up)."""
     reads = []
     real = di.read_pixel_values
 
@@ -142,7 +143,7 @@ def count_reads(monkeypatch):
         reads.append(path)
         return real(path, processor)
 
-    monkeypatch.setattr(di, "read_pixel_values", counting)
+    monkeypatch.setattr(loader, "read_pixel_values", counting)
     return reads
 
 
@@ -562,16 +563,17 @@ def test_a_refusal_on_one_rank_is_printed_once_by_rank_0_and_every_rank_exits_2(
 SLOW_RANKS = """
 import os, sys, time
 from pathlib import Path
-from cvt_fast import cli, dataset_inference
+from cvt_fast import cli
+from cvt_fast.dataset_inference import model_loop
 
 Path(sys.argv[1], f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
-real = dataset_inference.classify_batch
+real = model_loop.classify_batch
 
 def slow(*args, **kwargs):  # one batch at a time, slowly enough to be killed in the middle of the run
     time.sleep(0.3)
     return real(*args, **kwargs)
 
-dataset_inference.classify_batch = slow
+model_loop.classify_batch = slow  # where classify_shard looks it up
 sys.exit(cli.main(sys.argv[2:]))
 """
 
