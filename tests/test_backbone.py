@@ -59,12 +59,15 @@ def test_feature_maps_and_cls_token_match_transformers(size):
     assert rel_err(output.cls_tokens[2], expected.cls_token_value) < 2e-5
 
 
-def test_channels_and_reductions_describe_the_maps():
+@pytest.mark.parametrize("stages", [[1, 2, 3], [2, 3], [1, 3], [3]], ids=str)
+def test_channels_and_reductions_describe_the_maps(stages):
     config = cvt_fast.preset("cvt-13").config()
-    config.update(out_features=["stage1", "stage2", "stage3"])
+    config.update(out_features=[f"stage{s}" for s in stages])
     backbone = CvtBackbone(config).eval()
     assert backbone.stage_names == ["stage1", "stage2", "stage3"]
-    assert backbone.channels == [64, 192, 384] and backbone.reductions == [4, 8, 16]
+    # CvT-13 (the paper's Table 2): 64, 192, 384 channels at strides 4, 8, 16
+    assert backbone.channels == [{1: 64, 2: 192, 3: 384}[s] for s in stages]
+    assert backbone.reductions == [{1: 4, 2: 8, 3: 16}[s] for s in stages]
     with torch.no_grad():
         maps = backbone(torch.randn(1, 3, 224, 224)).feature_maps
     for feature_map, channels, stride in zip(maps, backbone.channels, backbone.reductions, strict=True):

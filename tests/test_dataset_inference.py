@@ -181,6 +181,33 @@ def test_torn_and_damaged_lines_are_dropped_on_repair(tmp_path):
     assert di.repair(part) == 2
     assert part.read_text() == good[0] + good[1]
     assert di.repair(part) == 0
+    # killed between a record and its newline: the JSON is whole, the line is not (the next append would join it)
+    part.write_text(good[0] + good[1].removesuffix("\n"))
+    assert di.repair(part) == 1
+    assert part.read_text() == good[0]
+
+
+def test_a_merge_that_fails_midway_leaves_the_previous_output_and_the_parts(tmp_path, monkeypatch):
+    """OUTPUT is written beside its final name and renamed: a failure while writing (a full disk) leaves the previous
+    OUTPUT whole and the part files in place, so that a rerun can finish."""
+    from cvt_fast.dataset_inference import results
+
+    files = results.RunFiles(tmp_path / "results.jsonl")
+    files.folder.mkdir()
+    lines = [di.result_line(f"{name}.jpg", labels=["x"], scores=[0.5], label_ids=[0]) for name in "abc"]
+    files.output.write_text(lines[0] + lines[1])  # an earlier, finished run
+    files.part(0).write_text(lines[2])  # this run's new image
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        results.merge(files, ["a.jpg", "b.jpg", "c.jpg"])
+    assert files.output.read_text() == lines[0] + lines[1] and files.part(0).read_text() == lines[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "results.jsonl.parts"]
+    monkeypatch.undo()
+    assert results.merge(files, ["a.jpg", "b.jpg", "c.jpg"]) == lines and files.output.read_text() == "".join(lines)
 
 
 def test_progress_is_a_plain_line_now_and_then_in_a_log():

@@ -90,6 +90,8 @@ OPTIONS = [
     dict(crop_pct=0.95), dict(crop_pct=1.0, size=160), dict(size=384, resample=2), dict(size=400),
     dict(do_normalize=False), dict(do_rescale=False), dict(do_rescale=False, do_normalize=False), dict(do_resize=False),
     dict(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25]), dict(rescale_factor=1 / 127.5),
+    # crop_pct above 1: the resized image is smaller than the crop, which zero-pads it (odd margins: the rounding)
+    dict(crop_pct=1.15), dict(crop_pct=1.3, size=160), dict(crop_pct=1.07, size=97),
 ]  # fmt: skip
 
 
