@@ -5,6 +5,7 @@ import builtins
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,6 +171,42 @@ def test_classify_in_process_prints_the_top_labels(capsys, checkpoint):
     lines = out.splitlines()
     assert lines[0] == str(checkpoint / "a.png") and len(lines) == 5  # the image, then its top labels (4 classes)
     assert sorted(line.split("%", 1)[1].strip() for line in lines[1:]) == sorted(LABELS.values())
+
+
+@pytest.mark.parametrize("dataset", [False, True], ids=["image files", "--input"])
+def test_classify_runs_float32_unless_told_even_for_a_half_precision_checkpoint(
+    capsys, checkpoint, tmp_path, monkeypatch, dataset
+):
+    """As transformers' from_pretrained, whose default is float32: --dtype is what changes it, not the file."""
+    half = cvt_fast.CvtForImageClassification.from_pretrained(checkpoint / "ckpt").half()
+    half.save_pretrained(tmp_path / "ckpt")
+    shutil.copy(checkpoint / "ckpt" / "preprocessor_config.json", tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+    ran = []
+    forward = cvt_fast.CvtForImageClassification.forward
+    monkeypatch.setattr(
+        cvt_fast.CvtForImageClassification,
+        "forward",
+        lambda self, *a, **k: ran.append(self.dtype) or forward(self, *a, **k),
+    )
+    images = (
+        ["--input", checkpoint, "--output", tmp_path / "r.jsonl", "--workers", "0"]
+        if dataset
+        else [checkpoint / "a.png"]
+    )
+    for extra, dtype in (([], torch.float32), (["--dtype", "bfloat16"], torch.bfloat16)):
+        ran.clear()
+        status, _, err = cli_main(
+            capsys,
+            "classify",
+            "--model",
+            str(tmp_path / "ckpt"),
+            *map(str, images),
+            *extra,
+            *(["--overwrite"] if dataset else []),
+        )
+        assert status == 0, err
+        assert ran and set(ran) == {dtype}
 
 
 @pytest.mark.parametrize(
