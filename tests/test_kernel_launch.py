@@ -57,7 +57,24 @@ def test_autotuning_tries_only_the_dtypes_candidates(monkeypatch, dtype, tuner):
 
 def test_cpu_tensors_launch_without_switching_devices():
     assert type(launch.launch_guard(torch.empty(1))).__name__ == "nullcontext"
-    assert launch.multiprocessor_count(torch.device("cpu")) == launch.HOPPER_SMS
+    # a CPU tensor stands for Hopper (the sm_90 compile check): 132 multiprocessors on H100 SXM and H200
+    assert launch.multiprocessor_count(torch.device("cpu")) == 132
+
+
+def test_the_guard_switches_to_the_tensors_device_only_when_it_is_not_current(monkeypatch):
+    """Triton launches on the current device: a tensor on cuda:1 while cuda:0 is current needs a switch (entering it
+    needs a GPU; choosing it does not)."""
+
+    class OnCuda1:  # what launch_guard reads of a tensor
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    guard = launch.launch_guard(OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    current[0] = 1
+    assert type(launch.launch_guard(OnCuda1())).__name__ == "nullcontext"
 
 
 @pytest.mark.gpu

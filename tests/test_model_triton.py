@@ -96,6 +96,21 @@ def test_gradients_take_the_eager_path_and_are_right():
     assert all(p["attention"].startswith("eager: autograd") for p in ours.kernel_paths().values())
 
 
+def test_training_mode_without_autograd_takes_the_eager_path():
+    """train() under no_grad (a BatchNorm statistics refresh, say): the kernels fold the running statistics, which
+    training must not use, so the layers run eagerly on batch statistics and update the running ones, as
+    transformers does (float32, which the kernels would take: a wrong path is a BatchNorm on other statistics)."""
+    hf, ours = fast_pair(dict(TINY, drop_path_rate=[0.0, 0.0]))
+    hf, ours = hf.train(), ours.train()
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        expected, actual = hf(x).logits, ours(x).logits
+    assert rel_err(actual, expected) < FLOORS[torch.float32]
+    for (name, theirs), mine in zip(hf.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert rel_err(mine.double(), theirs.double()) < FLOORS[torch.float32], name  # running statistics alike
+    assert all(p["attention"].startswith("eager: training") for p in ours.kernel_paths().values())
+
+
 @pytest.mark.gpu
 def test_auto_runs_the_kernels_on_cuda_in_eval_mode():
     hf, ours = model_pair(TINY)

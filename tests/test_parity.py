@@ -39,6 +39,19 @@ def test_random_config_eval(seed):
         assert_close(a, e, f"hidden_states[{i}]")
 
 
+def test_eval_mode_ignores_every_dropout_rate():
+    """Dropout, attention dropout and stochastic depth at high rates change nothing in eval mode: the logits are
+    transformers' and two forward passes are bitwise equal."""
+    kwargs = random_config_kwargs(5, stages=2)
+    kwargs.update(drop_rate=[0.3, 0.3], attention_drop_rate=[0.5, 0.5], drop_path_rate=[0.4, 0.4])
+    hf, ours = model_pair(kwargs, seed=5)
+    x = torch.randn(2, kwargs["num_channels"], *random_image_size(kwargs, 5))
+    with torch.no_grad():
+        expected, first, second = hf(x).logits, ours(x).logits, ours(x).logits
+    assert_close(first, expected, "logits in eval mode with dropout rates set")
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_small_variances_distinct_eps_and_large_scores(seed):
     """Eval mode, where BatchNorm is folded into the depthwise convs, under statistics that make every term of the
