@@ -112,8 +112,9 @@ def stage_parity(out: Path, rehearse: bool) -> None:
     import transformers
 
     import cvt_fast
-    from cvt_fast.testing import randomize_
+    from cvt_fast.testing import float32_without_tf32, randomize_
 
+    float32_without_tf32()  # transformers' float32 reference in float32, not in cuDNN's default TF32
     device = "cpu" if rehearse else "cuda"
     config = session_config(rehearse)
     size, batch = (32, 1) if rehearse else (224, 8)

@@ -1,5 +1,5 @@
 """Random weights for tests and benchmarks: never time or test on a default initialisation, whose BatchNorm is the
-identity and whose zero biases hide a wrong broadcast."""
+identity and whose zero biases hide a wrong broadcast. And float32 that is float32 for accuracy checks on a GPU."""
 
 from __future__ import annotations
 
@@ -26,3 +26,11 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator | None = None)
             value = noise * max(tensor.shape[1:].numel(), 1) ** -0.5  # fan_in (a zero-width layer has no values)
         tensor.copy_(value)
     return model
+
+
+def float32_without_tf32() -> None:
+    """CUDA convolutions in full float32 from here on. PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit
+    mantissa) by default, which puts a float32 model ~1e-3 from float64: a float32 reference (transformers') is then
+    not float32, and the 2e-5 parity rule means nothing. Matrix products already default to full float32. Set
+    through the flag that every PyTorch since 1.7 reads (the newer per-backend API refuses to be mixed with it)."""
+    torch.backends.cudnn.allow_tf32 = False

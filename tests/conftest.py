@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+if HAS_CUDA:  # float32 checks against transformers and float64 hold float32 to its own accuracy, not TF32's
+    from cvt_fast.testing import float32_without_tf32
+
+    float32_without_tf32()
 
 
 def pytest_collection_modifyitems(config, items):
