@@ -458,7 +458,7 @@ def run(
     cases = [
         (model, size, batch, dtype)
         for model in models
-        for size in (sizes or [preset_named(model).image_size if preset_named(model) else 224])
+        for size in (sizes or [getattr(preset_named(model), "image_size", 224)])  # 224 for a config file
         for batch in batches
         for dtype in dtypes
     ]

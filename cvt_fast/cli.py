@@ -359,8 +359,8 @@ def _check_models(models: list[str], sizes: list[int], option: str = "--sizes") 
     from .config import CvtConfig
 
     for name in models:
-        if preset_named(name) is not None:
-            config = preset_named(name).config()
+        if (preset := preset_named(name)) is not None:
+            config = preset.config()
         elif Path(name).exists():
             config = CvtConfig.from_pretrained(name)  # its refusals name the file
         else:

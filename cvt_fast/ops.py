@@ -62,15 +62,17 @@ def clear_fold_cache() -> None:
 
 def forget_cached(tensors: Iterable[torch.Tensor]) -> None:
     """Drop the cache entries derived from these tensors (those keyed by them)."""
-    ids = {id(t) for t in tensors}
-    for slot in [slot for slot in _fold_cache if slot[1] in ids]:
+    _drop_entries({id(t) for t in tensors})
+
+
+def _drop_entries(source_ids: set[int]) -> None:
+    for slot in [slot for slot in _fold_cache if slot[1] in source_ids]:
         del _fold_cache[slot]
 
 
 def _tensor_gone(tensor_id: int) -> None:
     _watched.discard(tensor_id)
-    for slot in [slot for slot in _fold_cache if slot[1] == tensor_id]:
-        del _fold_cache[slot]
+    _drop_entries({tensor_id})
 
 
 def _cached_fold(kind: str, sources: Sequence[torch.Tensor], extra_key: tuple, compute: Callable[[], tuple]):

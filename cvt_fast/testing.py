@@ -31,6 +31,6 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator | None = None)
 def float32_without_tf32() -> None:
     """CUDA convolutions in full float32 from here on. PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit
     mantissa, against float32's 23) by default: a float32 reference (transformers') is then not float32, and a 2e-5
-    parity rule cannot hold. Matrix products already default to full float32. Set
-    through the flag that every PyTorch since 1.7 reads (the newer per-backend API refuses to be mixed with it)."""
+    parity rule cannot hold. Matrix products already default to full float32. Set through the flag that every
+    PyTorch since 1.7 reads (the newer per-backend API refuses to be mixed with it)."""
     torch.backends.cudnn.allow_tf32 = False
