@@ -105,13 +105,20 @@ def _versions() -> dict[str, str | None]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return cpu_description()
+
+
+def cpu_description() -> str:
+    """The CPU as every CPU figure names it: its model, PyTorch's kernel capability (AVX2, AVX512, ...), native
+    bfloat16 or not, and the threads PyTorch uses."""
     bf16 = cpu_native_bfloat16()
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    capability = torch.backends.cpu.get_cpu_capability()
     native = f"native bfloat16: {bf16}" if bf16 else "no native bfloat16"
-    return f"cpu ({name}, {torch.get_num_threads()} threads, {native})"
+    return f"cpu ({name}, {capability}, {native}, {torch.get_num_threads()} threads)"
 
 
 def _transformers_model(cvt_model: CvtForImageClassification):
@@ -190,13 +197,16 @@ def _onnxruntime(base) -> Callable:
 
 
 def cpu_native_bfloat16() -> str | None:
-    """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated."""
+    """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
+    where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
+    from .dispatch import cpu_has_native_bfloat16
+
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return None
     found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
-    return " and ".join(found) or None
+    return (" and ".join(found) or None) if cpu_has_native_bfloat16() else None
 
 
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB

@@ -18,6 +18,7 @@ also computes float32 attention on tensor cores). The GPU sweep (bench/kernels.p
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -62,24 +63,48 @@ def fp32_attention_mode() -> str:
 
 
 ONEDNN_LINEAR_VAR = "CVT_FAST_ONEDNN_LINEAR"  # "0" keeps linear layers on F.linear on the CPU too
+ONEDNN_LINEAR = "onednn"  # the path name kernel_paths() shows for linear layers on oneDNN
 
 
-def use_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a linear layer runs on oneDNN with a prepacked weight: on the CPU in float32 or bfloat16, not while
-    autograd records (training) or torch.compile / torch.export traces (they bring their own GEMMs), not under CPU
-    autocast (which casts F.linear's operands, and knows nothing of oneDNN's op), oneDNN present, a weight with
-    elements."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and not torch.is_autocast_enabled("cpu")
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.numel() > 0  # oneDNN has no zero-width product (an mlp_ratio of 0 makes one); F.linear does
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.is_available()
-        and os.environ.get(ONEDNN_LINEAR_VAR, "1") != "0"
-    )
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN computes bfloat16 natively on this CPU (AVX-512 BF16, AMX, or AVX-NE-CONVERT): its bfloat16
+    product refuses to run anywhere else. Asks oneDNN itself, so ONEDNN_MAX_CPU_ISA=AVX2 makes it answer False."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the query: assume the worst
+        return False
+
+
+def linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """How a linear layer runs: "onednn" (oneDNN's matrix product, for CPU inference in float32, and in bfloat16
+    where the CPU has it natively), "F.linear" off the CPU, or "F.linear: <why not oneDNN>" on the CPU.
+
+    Never while autograd records (training) or torch.compile / torch.export traces (they bring their own GEMMs),
+    nor under CPU autocast (which casts F.linear's operands and knows nothing of oneDNN's op)."""
+    if x.device.type != "cpu":
+        return "F.linear"
+    reason = None
+    if os.environ.get(ONEDNN_LINEAR_VAR, "1") == "0":
+        reason = f"{ONEDNN_LINEAR_VAR}=0"
+    elif torch.compiler.is_compiling():
+        return "F.linear: traced by a compiler"
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        reason = "autograd is recording"
+    elif torch.is_autocast_enabled("cpu"):
+        reason = "CPU autocast casts F.linear's operands"
+    elif x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        reason = f"dtype {x.dtype}: oneDNN's linear serves float32 and bfloat16"
+    elif weight.numel() == 0:
+        reason = "an empty weight (oneDNN has no zero-width product)"
+    elif not torch.backends.mkldnn.is_available():
+        reason = "this PyTorch has no oneDNN"
+    elif x.dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
+        reason = "bfloat16 on a CPU without native bfloat16 (oneDNN needs AVX-512 BF16, AMX or AVX-NE-CONVERT)"
+    if reason is None:
+        return ONEDNN_LINEAR
+    log_once(f"linear layers run on F.linear: {reason}")
+    return f"F.linear: {reason}"
 
 
 def prepare_backend(backend: str) -> None:
@@ -156,10 +181,14 @@ def choose_kernel(
     return _fall_back(op, reason, surprising=tensors[0].is_cuda)
 
 
+def log_once(message: str, level: int = logging.INFO) -> None:
+    """Log a fallback's reason the first time it happens, not on every call."""
+    if message not in _logged_reasons and not torch.compiler.is_compiling():
+        _logged_reasons.add(message)
+        logger.log(level, "cvt_fast: %s", message)
+
+
 def _fall_back(op: str, reason: str, surprising: bool = False) -> str:
-    key = f"{op}: {reason}"
-    if key not in _logged_reasons and not torch.compiler.is_compiling():
-        _logged_reasons.add(key)
-        # On CUDA a fallback costs speed the user came for, so it is a warning; elsewhere it is expected.
-        logger.log(logging.WARNING if surprising else logging.INFO, "cvt_fast: %s runs eagerly: %s", op, reason)
+    # On CUDA a fallback costs speed the user came for, so it is a warning; elsewhere it is expected.
+    log_once(f"{op} runs eagerly: {reason}", logging.WARNING if surprising else logging.INFO)
     return reason

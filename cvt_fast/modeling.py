@@ -22,26 +22,19 @@ from .config import CvtConfig
 from .dispatch import prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
-# ---- modules with cached derived weights --------------------------------------------------------------------
+# ---- linear layers ------------------------------------------------------------------------------------------
 
 
-class ForgetsCachedWeights:
-    """For modules whose inference reads a cached derivative of their parameters (BatchNorm folded into the conv,
-    a oneDNN-packed linear weight): .to(), .half() and .cuda() go through _apply, which replaces the parameters'
-    data, so the entries derived from the old data are dropped first instead of being kept alive (with the old
-    storages) until a forward in the old dtype and device, which may never come."""
+class CvtLinear(nn.Linear):
+    """nn.Linear (same parameters, same keys; peft and other tools take it for one) whose CPU inference runs on
+    oneDNN (cvt_fast.ops.linear); everywhere else it is F.linear. `paths` says which ran last."""
 
-    def _apply(self, fn, recurse=True):
-        ops.forget_cached(self.parameters())
-        return super()._apply(fn, recurse)
-
-
-class CvtLinear(ForgetsCachedWeights, nn.Linear):
-    """nn.Linear (same parameters, same keys) whose CPU inference runs on oneDNN with a prepacked weight
-    (cvt_fast.ops.linear); everywhere else it is F.linear."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paths: dict[str, str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, self.paths)
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
@@ -73,7 +66,7 @@ class CvtEmbeddings(nn.Module):
 # ---- attention ----------------------------------------------------------------------------------------------
 
 
-class CvtSelfAttentionConvProjection(ForgetsCachedWeights, nn.Module):
+class CvtSelfAttentionConvProjection(nn.Module):
     def __init__(self, embed_dim: int, kernel_size: int, padding: int, stride: int):
         super().__init__()
         self.convolution = nn.Conv2d(
@@ -364,12 +357,17 @@ class CvtEncoder(nn.Module):
 
 def kernel_paths(model: nn.Module) -> dict[str, dict[str, str]]:
     """{layer: {op: path}} for every cvt_fast attention layer in `model` (a cvt_fast model or a patched
-    transformers one), from its last forward; a path is "triton" or "eager: <reason>"."""
-    return {
-        name.removesuffix(".attention.attention"): dict(module.paths)
-        for name, module in model.named_modules()
-        if isinstance(module, CvtSelfAttention) and module.paths
-    }
+    transformers one), from its last forward: "qkv_projection" and "attention" are "triton" or "eager: <reason>";
+    "linear" (its q/k/v and output projections) is "onednn", "F.linear" or "F.linear: <reason>"."""
+    paths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CvtSelfAttention) and module.paths:
+            layer = dict(module.paths)
+            linears = {m.paths["linear"] for m in module.modules() if isinstance(m, CvtLinear) and m.paths}
+            if linears:
+                layer["linear"] = "; ".join(sorted(linears))
+            paths[name.removesuffix(".attention.attention")] = layer
+    return paths
 
 
 class CvtPreTrainedModel(nn.Module):
@@ -389,10 +387,11 @@ class CvtPreTrainedModel(nn.Module):
         prepare_backend(self._backend)
 
     def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() make their new tensors outside inference mode, as from_pretrained does, so that
-        # they keep version counters (what the folded-weight caches key on) when called under inference_mode. Not
-        # for parameters that are inference tensors already (a copy made under inference_mode): they keep their
-        # data in place, and ordinary data in an inference parameter is a state no op accepts.
+        # .to() / .half() / .cuda() make their new tensors outside inference mode, as from_pretrained does: a model
+        # loaded or moved inside torch.inference_mode() (common in serving code) can still be fine-tuned later, which
+        # inference tensors cannot. Not for parameters that are inference tensors already (a copy made under
+        # inference_mode): they keep their data in place, and ordinary data in an inference parameter is a state no
+        # op accepts.
         if any(p.is_inference() for p in self.parameters()):
             return super()._apply(fn, recurse)
         with torch.inference_mode(False):

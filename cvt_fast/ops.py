@@ -12,14 +12,13 @@ attention:      softmax(q k^T * scale) v per head, heads read by stride from (B,
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import FP32_ATTENTION_VAR, choose_kernel, fp32_attention_mode, use_onednn_linear
+from .dispatch import FP32_ATTENTION_VAR, ONEDNN_LINEAR, choose_kernel, fp32_attention_mode, linear_path
 
 
 class ConvBN(NamedTuple):
@@ -41,104 +40,28 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 # ---- eager references ---------------------------------------------------------------------------------------
 
-# Folded BatchNorm, cached. Folding costs a handful of tiny ops per projection: uncached, 9 ms of a 63 ms CvT-13
-# forward at batch 1 on our CPU machine, and a dozen launches per layer on a GPU. An entry is valid while each of
-# its sources keeps its storage address and version counter: in-place edits (under no_grad, load_state_dict,
-# .to(), ...) bump the version, and a reassigned .data gets a new address, because the entry keeps the old storages
-# alive so that their addresses cannot be reused. Only in-place edits through .data bypass the version counter, as
-# they do for autograd: clear_fold_cache() after those. Keyed by (kind, id() of the first weight) (tensors compare
-# elementwise, so they cannot be dict keys); an entry goes when that weight tensor does.
-# The linear layers' oneDNN packs (`linear` below) live in the same cache. Modules that own cached sources call
-# forget_cached() before .to() / .half() / .cuda() replace their data, so the superseded entries (and the old
-# storages they keep alive) go at once rather than at the next forward of the same dtype, which may never come.
-_fold_cache: dict[tuple[str, int], tuple] = {}
-_watched: set[int] = set()  # id()s of first sources with a finalizer that drops their entries
+# Derived weights (BatchNorm folded into the conv, below; the kernels' fold on the GPU) are computed on every call,
+# never cached. A cache keyed on PyTorch's version counters goes stale under edits that the mainstream tools make
+# every day: peft's LoRA merge writes through `.data`, and a BatchNorm in training mode updates its running
+# statistics in place without bumping their version (fine-tuning with a frozen backbone, then evaluating). A fold is
+# a handful of ops on (C,) vectors, a few percent of a batch-1 forward at most; a stale one is a wrong answer.
 
 
 def clear_fold_cache() -> None:
-    """Drop every cached BatchNorm fold and packed linear weight (needed only after edits through .data)."""
-    _fold_cache.clear()
-
-
-def forget_cached(tensors: Iterable[torch.Tensor]) -> None:
-    """Drop the cache entries derived from these tensors (those keyed by them)."""
-    _drop_entries({id(t) for t in tensors})
-
-
-def _drop_entries(source_ids: set[int]) -> None:
-    for slot in [slot for slot in _fold_cache if slot[1] in source_ids]:
-        del _fold_cache[slot]
-
-
-def _tensor_gone(tensor_id: int) -> None:
-    _watched.discard(tensor_id)
-    _drop_entries({tensor_id})
-
-
-def _cached_fold(kind: str, sources: Sequence[torch.Tensor], extra_key: tuple, compute: Callable[[], tuple]):
-    """compute(), or its cached result while `sources` are unchanged (see _fold_cache). Not cached while autograd
-    records through the sources (the fold must then be part of the graph) or inside a torch.compile trace."""
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-    cacheable = not recording and not torch.compiler.is_compiling()
-    if cacheable:
-        try:
-            key = extra_key + tuple((t.data_ptr(), t._version) for t in sources)
-        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
-            cacheable = False
-        else:
-            slot = (kind, id(sources[0]))
-            hit = _fold_cache.get(slot)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-    result = compute()
-    if cacheable:
-        if slot[1] not in _watched:
-            _watched.add(slot[1])
-            weakref.finalize(sources[0], _tensor_gone, slot[1])
-        _fold_cache[slot] = (key, result, tuple(t.untyped_storage() for t in sources))
-    return result
-
-
-def _bn_scale_shift(gamma, beta, mean, var, eps: float, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm on running statistics as y = x * scale + shift, computed in `compute`."""
-    scale = gamma.to(compute) * torch.rsqrt(var.to(compute) + eps)
-    return scale, beta.to(compute) - mean.to(compute) * scale
+    """Kept for code written against earlier releases: nothing derived from the weights is cached any more, so
+    there is nothing to clear (edits of any kind, `.data` included, reach the next forward)."""
 
 
 def fold_conv_bn(p: ConvBN, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm folded into the depthwise conv: (C, 1, k, k) weight and (C,) bias, in `dtype`.
 
     Folding happens in float32 (float64 for float64 weights) whatever `dtype` is, so half-precision models lose
-    nothing to it. Cached (see _fold_cache for when an entry stays valid).
+    nothing to it.
     """
-
-    def compute():
-        compute_dtype = torch.promote_types(p.weight.dtype, torch.float32)
-        scale, shift = _bn_scale_shift(p.bn_weight, p.bn_bias, p.running_mean, p.running_var, p.eps, compute_dtype)
-        return (p.weight.to(compute_dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
-
-    sources = (p.weight, p.bn_weight, p.bn_bias, p.running_mean, p.running_var)
-    return _cached_fold("conv", sources, (dtype, p.eps), compute)
-
-
-def fold_qkv_for_kernel(
-    weights: Sequence[torch.Tensor], bn_params: Sequence[torch.Tensor], eps: Sequence[float], dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three projections' BatchNorms folded into their depthwise weights, as the fused kernel reads them:
-    weight (3, K*K, C) tap-major (a tap's channels contiguous) in `dtype`, the activations' dtype, as the eager
-    path's fold is (half the bytes the kernel reads per tap in half precision), and shift (3, C) in float32, added
-    to the float32 sums. Folded in float32 once and cached."""
-
-    def compute():
-        folded_weights, shifts = [], []
-        for i, weight in enumerate(weights):
-            scale, shift = _bn_scale_shift(*bn_params[4 * i : 4 * i + 4], eps[i], torch.float32)  # noqa: E203
-            folded_weights.append((weight.to(torch.float32).flatten(1) * scale[:, None]).t())  # (K*K, C)
-            shifts.append(shift)
-        return torch.stack(folded_weights).to(dtype).contiguous(), torch.stack(shifts).contiguous()
-
-    extra_key = (dtype, *(float(e) for e in eps))
-    return _cached_fold("qkv kernel", (*weights, *bn_params), extra_key, compute)
+    compute = torch.promote_types(p.weight.dtype, torch.float32)
+    scale = p.bn_weight.to(compute) * torch.rsqrt(p.running_var.to(compute) + p.eps)  # (C,)
+    shift = torch.addcmul(p.bn_bias.to(compute), p.running_mean.to(compute), scale, value=-1.0)
+    return (p.weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
 def split_cls(x: torch.Tensor, with_cls: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -203,20 +126,17 @@ def attention_reference(
 # ---- linear layers on the CPU ----------------------------------------------------------------------------------
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, or, for CPU inference in float32 or bfloat16, oneDNN's matrix product on a prepacked copy of the
-    weight (packed once and cached like the BatchNorm fold): on our CPU machine 2.3x faster than F.linear in
-    float32 and 1.35x in bfloat16, at float32 accuracy (bench/results/NOTES.md); linear layers are three quarters
-    of a CvT's float32 CPU time."""
-    if not use_onednn_linear(x, weight):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, paths: dict | None = None) -> torch.Tensor:
+    """F.linear, or, for CPU inference (float32, and bfloat16 where the CPU has it natively), oneDNN's matrix
+    product, which outruns PyTorch's CPU GEMM on CvT's shapes (bench/results/NOTES.md). oneDNN reads the weight as it
+    is: a prepacked copy would be slightly faster, but it is a cache that edits through `.data` (peft's merge) leave
+    stale. `paths`, when given, records which path ran (see dispatch.linear_path)."""
+    path = linear_path(x, weight)
+    if paths is not None and not torch.compiler.is_compiling():
+        paths["linear"] = path
+    if path != ONEDNN_LINEAR:
         return F.linear(x, weight, bias)
-    packed = _cached_fold("onednn linear", (weight,), (weight.dtype,), lambda: _pack_linear_weight(weight, x))
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def _pack_linear_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]  # a layout hint only: other batch sizes run on the same packing
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=rows)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # ---- torch custom ops: reference on CPU, Triton on CUDA -----------------------------------------------------
@@ -404,7 +324,6 @@ __all__ = [
     "attention",
     "attention_reference",
     "fold_conv_bn",
-    "fold_qkv_for_kernel",
     "qkv_projection",
     "qkv_projection_reference",
 ]

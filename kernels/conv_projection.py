@@ -3,10 +3,11 @@
 Fuses, for x in token layout (B, [1 +] H*W, C):
   q = BN_q(dwconv_q(x, stride_q, padding_q)),  k = BN_k(dwconv_k(x, stride_kv, padding_kv)),  v likewise,
 each written straight back in token layout, with the cls row (row 0, never convolved) copied in front: no
-permute, no torch.cat. BatchNorm (running statistics) is folded into the conv weights on the host, in float32,
-by cvt_fast.ops.fold_qkv_for_kernel, which caches the fold while the weights and statistics are unchanged (edits
-are seen through PyTorch's version counters). The kernel reads that fold tap-major, (3, K*K, C), so the weights of
-one tap for a block of channels are contiguous: one vector load, never a gather.
+permute, no torch.cat. BatchNorm (running statistics) is folded into the conv weights, in float32, by a small
+kernel launched first on every call (never cached: a cached fold goes stale under edits that bypass PyTorch's
+version counters, such as a BatchNorm's running statistics updated by a training forward). The conv kernel reads
+that fold tap-major, (3, K*K, C), so the weights of one tap for a block of channels are contiguous: one vector
+load, never a gather.
 
 One program owns a block of channels and one or more blocks of positions of the q grid *and*, in the same
 iteration, the matching block of the (smaller) k/v grid: both read the same neighbourhood of x, so the taps k and
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_INTERPRET
-from ..ops import conv_output_size, fold_qkv_for_kernel
+from ..ops import conv_output_size
 from .launch import launch_guard
 
 
@@ -131,6 +132,48 @@ def _qkv_conv_bn_kernel(
         _store(v_ptr, acc_v, bias_v, kv_rows0 + pos, channels, mask, C)
 
 
+@triton.jit
+def _fold_one(
+    w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, folded_w_ptr, shift_ptr, C, channels, c_mask,
+    TAPS: tl.constexpr, TAPS_P2: tl.constexpr,
+):  # fmt: skip
+    """One projection: scale = gamma / sqrt(var + eps), shift = beta - mean * scale, weight * scale stored
+    tap-major. Everything in float32; the weight is stored in the folded tensor's dtype."""
+    gamma = tl.load(gamma_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + channels, mask=c_mask, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + channels, mask=c_mask, other=1.0).to(tl.float32)
+    scale = gamma * tl.rsqrt(var + eps)
+    tl.store(shift_ptr + channels, beta - mean * scale, mask=c_mask)
+    taps = tl.arange(0, TAPS_P2)
+    mask = c_mask[:, None] & (taps < TAPS)[None, :]
+    weight = tl.load(w_ptr + channels[:, None] * TAPS + taps[None, :], mask=mask, other=0.0).to(tl.float32)
+    folded = (weight * scale[:, None]).to(folded_w_ptr.dtype.element_ty)
+    tl.store(folded_w_ptr + taps[None, :] * C + channels[:, None], folded, mask=mask)
+
+
+@triton.jit
+def _fold_batchnorm_kernel(
+    wq_ptr, wk_ptr, wv_ptr,  # (C, 1, K, K) contiguous depthwise weights of q, k, v
+    gamma_q, beta_q, mean_q, var_q,  # (C,) each: q's BatchNorm weight, bias, running mean and variance
+    gamma_k, beta_k, mean_k, var_k,  # k's
+    gamma_v, beta_v, mean_v, var_v,  # v's
+    eps_q, eps_k, eps_v,
+    folded_w_ptr,  # (3, K * K, C) contiguous output in the activations' dtype, tap-major
+    shift_ptr,  # (3, C) contiguous float32 output
+    C,
+    TAPS: tl.constexpr, TAPS_P2: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = channels < C
+    _fold_one(wq_ptr, gamma_q, beta_q, mean_q, var_q, eps_q, folded_w_ptr, shift_ptr,
+              C, channels, c_mask, TAPS, TAPS_P2)  # fmt: skip
+    _fold_one(wk_ptr, gamma_k, beta_k, mean_k, var_k, eps_k, folded_w_ptr + TAPS * C, shift_ptr + C,
+              C, channels, c_mask, TAPS, TAPS_P2)  # fmt: skip
+    _fold_one(wv_ptr, gamma_v, beta_v, mean_v, var_v, eps_v, folded_w_ptr + 2 * TAPS * C, shift_ptr + 2 * C,
+              C, channels, c_mask, TAPS, TAPS_P2)  # fmt: skip
+
+
 class ConvConfig(NamedTuple):
     """How a launch tiles the work: q positions and channels per block, warps, position blocks per program."""
 
@@ -166,6 +209,23 @@ def candidate_configs() -> list[ConvConfig]:
 def kv_block(block_q: int, n_q: int, n_kv: int) -> int:
     """k/v positions per block: the same share of the k/v grid as block_q is of the q grid, a power of two."""
     return triton.next_power_of_2(max(1, -(-block_q * n_kv // max(n_q, 1))))
+
+
+def fold_batchnorm(
+    weights: list[torch.Tensor], bn_params: list[torch.Tensor], eps: list[float], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three projections' BatchNorms folded into their depthwise weights, in one launch: weight (3, K*K, C)
+    tap-major in `dtype` (the activations' dtype, as the eager path's fold is) and shift (3, C) in float32."""
+    channels, taps = weights[0].shape[0], weights[0].shape[-1] * weights[0].shape[-2]
+    folded_weight = torch.empty(3, taps, channels, device=weights[0].device, dtype=dtype)
+    shift = torch.empty(3, channels, device=weights[0].device, dtype=torch.float32)
+    block_c = min(128, triton.next_power_of_2(channels))
+    with launch_guard(weights[0]):
+        _fold_batchnorm_kernel[(triton.cdiv(channels, block_c),)](
+            *(t.contiguous() for t in (*weights, *bn_params)), *(float(e) for e in eps), folded_weight, shift, channels,
+            TAPS=taps, TAPS_P2=triton.next_power_of_2(taps), BLOCK_C=block_c,
+        )  # fmt: skip
+    return folded_weight, shift
 
 
 def qkv_conv_bn(
@@ -228,7 +288,7 @@ def qkv_conv_bn(
                 raise ValueError(f"out tensors must be contiguous {x.dtype} of shapes {shapes}")
         q, k, v = out
 
-    folded_weight, folded_bias = fold_qkv_for_kernel(weights, bn_params, eps, x.dtype)  # (3, K*K, C), (3, C)
+    folded_weight, folded_bias = fold_batchnorm(weights, bn_params, eps, x.dtype)  # (3, K*K, C), (3, C)
     if config is None:
         config = default_config(hq * wq, channels)
     block_kv = kv_block(config.block_q, hq * wq, hk * wk)
@@ -247,4 +307,4 @@ def qkv_conv_bn(
     return q, k, v
 
 
-__all__ = ["ConvConfig", "candidate_configs", "default_config", "qkv_conv_bn"]
+__all__ = ["ConvConfig", "candidate_configs", "default_config", "fold_batchnorm", "qkv_conv_bn"]

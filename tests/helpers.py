@@ -106,6 +106,11 @@ def assert_within_rule(kernel_out, eager_out, reference, dtype, what=""):
     assert kernel_err <= bound, f"{what}: kernel error {kernel_err:.2e} > 2 x eager {eager_err:.2e} + floor"
 
 
+def fused_ops(layer_paths: dict) -> dict:
+    """The paths of the two fused ops in one layer's kernel_paths() entry (which also names the linear layers')."""
+    return {op: path for op, path in layer_paths.items() if op in ("qkv_projection", "attention")}
+
+
 def nan_like(shape, dtype, device=DEVICE):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 

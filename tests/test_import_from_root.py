@@ -30,6 +30,14 @@ print(json.dumps({
 """
 
 
+def installed_kernels_package(tmp_path: Path) -> str | None:
+    """Where PyPI's `kernels` is installed in this environment (transformers >= 5.25 depends on it), or None: asked
+    from a folder without a kernels/ of its own."""
+    code = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec and spec.origin)"
+    origin = run_python(code, cwd=tmp_path).stdout.strip()
+    return None if origin == "None" else origin
+
+
 def run_python(code: str, cwd: Path, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     if pythonpath:
@@ -47,15 +55,17 @@ def test_transformers_imports_and_a_patched_model_runs(how, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["patched_layers"] == 6 and report["max_diff"] < 1e-4
-    assert report["kernels_available"] is False
+    # transformers finds PyPI's kernels package exactly when it is installed, never the repository's folder
+    assert report["kernels_available"] is (installed_kernels_package(tmp_path) is not None)
 
 
-def test_nothing_of_cvt_fast_is_importable_as_kernels():
+def test_nothing_of_cvt_fast_is_importable_as_kernels(tmp_path):
+    """From the root, `import kernels` gives PyPI's package where it is installed, else an empty stand-in; never
+    the repository's folder or any of its modules."""
     code = """
 import importlib, json, kernels
 try:
-    importlib.import_module("kernels.attention")
-    submodule = "imported"
+    submodule = importlib.import_module("kernels.attention").__file__
 except ModuleNotFoundError as error:
     submodule = str(error)
 import cvt_fast.kernels
@@ -70,8 +80,13 @@ print(json.dumps({
     result = run_python(code, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["file"] is None and report["version"] is None and report["public"] == []
-    assert report["submodule"] == "No module named 'kernels.attention'"
+    installed = installed_kernels_package(tmp_path)
+    if installed is None:
+        assert report["file"] is None and report["version"] is None and report["public"] == []
+        assert report["submodule"] == "No module named 'kernels.attention'"
+    else:
+        assert report["file"] == installed and report["version"] is not None
+        assert not str(report["submodule"]).startswith(str(ROOT))
     assert report["real_package"] == ["cvt_fast.kernels", True]
 
 
