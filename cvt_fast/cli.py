@@ -170,12 +170,14 @@ def _classify_dataset(args: argparse.Namespace) -> int:
 
 
 def _processor(checkpoint: Path, name: str):
-    from .image_processing import PREPROCESSOR_NAME, CvtImageProcessor
+    from .image_processing import DEFAULT_PREPROCESSING, PREPROCESSOR_NAME, CvtImageProcessor
 
     if (checkpoint / PREPROCESSOR_NAME).is_file():
         return CvtImageProcessor.from_pretrained(checkpoint)
     if _first_rank():
-        print(f"note: {name} has no {PREPROCESSOR_NAME}; using the CvT default (224px, crop 0.875)", file=sys.stderr)
+        print(
+            f"note: {name} has no {PREPROCESSOR_NAME}; using CvT's default ({DEFAULT_PREPROCESSING})", file=sys.stderr
+        )
     return CvtImageProcessor()
 
 

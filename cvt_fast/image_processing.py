@@ -9,6 +9,7 @@ mean and std. Every step is the same arithmetic, in the same dtypes, as transfor
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ import torch
 
 from .config import ConfigError, check_integer, check_number, describe_value, read_json_object, replacing
 
+logger = logging.getLogger("cvt_fast")
+
 PREPROCESSOR_NAME = "preprocessor_config.json"
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value preprocessor_config.json stores
+DEFAULT_PREPROCESSING = "shortest edge to 256 px, bicubic, centre crop 224, ImageNet mean and std"
 RESAMPLING_FILTERS = (0, 1, 2, 3, 4, 5)  # PIL.Image.Resampling: NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 
@@ -81,18 +85,25 @@ class CvtImageProcessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> CvtImageProcessor:
         """Read preprocessor_config.json from a checkpoint directory (or hub id), or a preset name like "cvt-13"
-        (unless a file or folder of that name exists)."""
-        from .config import preset_named
+        (unless a file or folder of that name exists). A checkpoint without preprocessor_config.json (as
+        transformers' model.save_pretrained writes it) gets CvT's default preprocessing, with a warning."""
+        from .config import CONFIG_NAME, preset_named
 
         preset = preset_named(name_or_path)
         if preset is not None:
             return cls(size=preset.image_size, **overrides)
         from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
 
-        directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME])
+        directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME, CONFIG_NAME])
         path = Path(directory) / PREPROCESSOR_NAME
         if not path.is_file():
-            raise CheckpointNotFoundError(f"{directory} has no {PREPROCESSOR_NAME}")
+            if not (Path(directory) / CONFIG_NAME).is_file():
+                raise CheckpointNotFoundError(f"{directory} has neither {PREPROCESSOR_NAME} nor {CONFIG_NAME}")
+            logger.warning(
+                "cvt_fast: %s has no %s; using CvT's default preprocessing (%s)", directory, PREPROCESSOR_NAME,
+                DEFAULT_PREPROCESSING,
+            )  # fmt: skip
+            return cls(**overrides)
         data = read_json_object(path, ConfigError)
         try:
             cls(**data)

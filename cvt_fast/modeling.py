@@ -4,7 +4,7 @@ Activations stay in token layout (B, [1 +] H*W, C) between modules; a stage conv
 its output, as a view. Each attention layer's q/k/v projection and attention go through cvt_fast.ops, which picks
 the Triton kernel or the eager reference; nothing in this file looks at devices or dtypes.
 
-Quirks kept for parity with transformers (see README): attention scale embed_dim ** -0.5, exact GELU, LayerNorm
+Quirks kept for parity with transformers (docs/kernels.md): attention scale embed_dim ** -0.5, exact GELU, LayerNorm
 eps 1e-5 everywhere (config.layer_norm_eps is ignored), stochastic depth applied to the MLP output *after* its
 residual add, and one drop-path rate for a whole stage (the stage-index-th of its linspace).
 """

@@ -130,3 +130,17 @@ def test_bad_images_are_refused():
         processor(np.zeros((3, 40, 50), dtype=np.uint8))  # channels first: refused, not read as a 3-row image
     with pytest.raises(ValueError, match="no images"):
         processor([])
+
+
+def test_a_checkpoint_without_preprocessor_config_gets_the_defaults_and_an_empty_folder_is_refused(tmp_path, caplog):
+    """transformers' model.save_pretrained writes no preprocessor_config.json: such a folder (config.json present)
+    gets CvT's default preprocessing, with a warning; a folder with neither file is no checkpoint."""
+    import cvt_fast
+
+    cvt_fast.CvtConfig().save_pretrained(tmp_path / "checkpoint")
+    processor = CvtImageProcessor.from_pretrained(tmp_path / "checkpoint", crop_pct=0.5)
+    assert processor.to_dict() == {**CvtImageProcessor().to_dict(), "crop_pct": 0.5}
+    assert "has no preprocessor_config.json; using CvT's default preprocessing" in caplog.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cvt_fast.CheckpointNotFoundError, match="has neither preprocessor_config.json nor config.json"):
+        CvtImageProcessor.from_pretrained(tmp_path / "empty")

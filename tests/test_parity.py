@@ -140,7 +140,9 @@ def test_classifier_tuple_form_with_loss_and_hidden_states():
     with torch.no_grad():
         expected = hf(x, labels=labels, output_hidden_states=True, return_dict=False)
         actual = ours(x, labels=labels, output_hidden_states=True, return_dict=False)
-    if kwargs["cls_token"][-1]:  # otherwise transformers drops the hidden states from its tuple (README: quirks)
+    if kwargs["cls_token"][
+        -1
+    ]:  # otherwise transformers drops the hidden states from its tuple (docs/kernels.md: quirks)
         assert len(actual) == len(expected) == 3
     assert_close(actual[0], expected[0], "loss")
     assert_close(actual[1], expected[1], "logits")

@@ -1,0 +1,64 @@
+"""The README's quick start runs as written, on what a new user has: a checkpoint folder written by transformers'
+save_pretrained (config.json and model.safetensors, no preprocessor_config.json) and an image file. And every
+relative link in the README and docs/ leads to a file that exists."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("PIL")
+transformers = pytest.importorskip("transformers")
+
+
+def quick_start_code() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quick start", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_quick_start_runs_on_a_folder_saved_by_transformers(tmp_path):
+    from PIL import Image
+
+    config = transformers.CvtConfig(depth=[1, 2, 3], embed_dim=[16, 24, 32], num_heads=[1, 2, 2], num_labels=3)
+    config.id2label = {0: "cat", 1: "dog", 2: "bird"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    model = transformers.CvtForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint" / "preprocessor_config.json").exists()
+    rng = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (300, 400, 3), generator=rng, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "image.jpg")
+
+    code = quick_start_code()
+    assert '"path/to/checkpoint"' in code and '"image.jpg"' in code
+    code = code.replace('"path/to/checkpoint"', repr(str(tmp_path / "checkpoint")))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"cat", "dog", "bird"}
+    assert "has no preprocessor_config.json; using CvT's default preprocessing" in result.stderr
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=lambda p: p.name)
+def test_relative_links_lead_somewhere(page):
+    text = page.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "#", "mailto:")):
+            continue
+        path = (page.parent / target.split("#", 1)[0]).resolve()
+        assert path.exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in readme, f"the README does not link docs/{page.name}"
