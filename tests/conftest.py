@@ -1,9 +1,20 @@
 """Shared test setup. Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on
 before triton is first imported, so it happens here, ahead of every test module."""
 
+import getpass
 import os
+import tempfile
 
-import torch
+# torch.compile's on-disk cache (inductor's) is not keyed by the CPU capability: code compiled for AVX-512 is served to
+# a run forced to ATEN_CPU_CAPABILITY=avx2 on the same machine (NaN logits, or a crash). Such a run, which is how the
+# suite checks what an AVX2-only CPU gets, uses a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    capability = os.environ["ATEN_CPU_CAPABILITY"].lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}"
+    )
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
