@@ -17,13 +17,15 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "PRESETS": ".config",
-    "ConfigError": ".config",
+    "ConfigError": ".errors",
     "CvtConfig": ".config",
     "preset": ".config",
-    "KernelUnavailableError": ".dispatch",
-    "CheckpointError": ".loading",
-    "CheckpointNotFoundError": ".loading",
-    "CheckpointWriteError": ".loading",
+    "KernelUnavailableError": ".errors",
+    "CheckpointError": ".errors",
+    "CheckpointNotFoundError": ".errors",
+    "CheckpointWriteError": ".errors",
+    "InputError": ".errors",
+    "UserError": ".errors",
     "CvtBackbone": ".backbone",
     "BackboneOutput": ".outputs",
     "CvtForImageClassification": ".modeling",
@@ -50,6 +52,7 @@ __all__ = [
     "CvtModel",
     "CvtPreTrainedModel",
     "ImageClassifierOutputWithNoAttention",
+    "InputError",
     "KernelUnavailableError",
     "PRESETS",
     "from_transformers",
@@ -57,6 +60,7 @@ __all__ = [
     "patch",
     "preset",
     "unpatch",
+    "UserError",
 ]
 
 
@@ -70,7 +74,10 @@ _SUBMODULES = (
     "config",
     "dataset_inference",
     "dispatch",
+    "errors",
     "export",
+    "files",
+    "hub",
     "image_processing",
     "kernels",
     "loading",
@@ -99,9 +106,16 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # the same names, imported eagerly, for type checkers and editors
     from .backbone import CvtBackbone
-    from .config import PRESETS, ConfigError, CvtConfig, preset
-    from .dispatch import KernelUnavailableError
-    from .loading import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+    from .config import PRESETS, CvtConfig, preset
+    from .errors import (
+        CheckpointError,
+        CheckpointNotFoundError,
+        CheckpointWriteError,
+        ConfigError,
+        InputError,
+        KernelUnavailableError,
+        UserError,
+    )
     from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
     from .outputs import BackboneOutput, BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
     from .patching import from_transformers, patch, unpatch

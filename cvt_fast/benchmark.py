@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .config import CvtConfig, preset_named
+from .errors import Refused
 from .modeling import CvtForImageClassification
 from .testing import randomize_
 
@@ -65,10 +66,6 @@ GPU_DEFAULT = (
 )
 CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "cvt_fast-eager-compile", "onnxruntime")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class BenchmarkRefused(RuntimeError):
-    """The benchmark would measure nothing meaningful here."""
 
 
 @dataclass
@@ -462,9 +459,7 @@ def run(
     if unknown:  # an unknown name would otherwise be timed as cvt_fast with the Triton backend
         raise ValueError(f"unknown implementations {unknown}; expected some of {IMPLEMENTATIONS}")
     if TRITON_INTERPRET and any("triton" in name for name in implementations):
-        raise BenchmarkRefused(
-            "TRITON_INTERPRET=1 is set: timings of kernels under the Triton interpreter mean nothing"
-        )
+        raise Refused("TRITON_INTERPRET=1 is set: timings of kernels under the Triton interpreter mean nothing")
     cases = [
         (model, size, batch, dtype)
         for model in models

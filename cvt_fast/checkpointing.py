@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import InputError
+
 
 @contextlib.contextmanager
 def batchnorm_statistics_frozen(module: nn.Module) -> Iterator[None]:
@@ -53,12 +55,12 @@ def checked_checkpoint_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """What gradient_checkpointing_enable(gradient_checkpointing_kwargs=...) may pass on to torch's checkpoint."""
     kwargs = dict(kwargs or {})
     if kwargs.pop("use_reentrant", False):
-        raise ValueError(
+        raise InputError(
             "gradient_checkpointing_kwargs use_reentrant=True is not supported: cvt_fast recomputes layers without "
             "reentrancy, which is what lets BatchNorm count each batch once"
         )
     if "context_fn" in kwargs:
-        raise ValueError("gradient_checkpointing_kwargs context_fn is cvt_fast's own (it freezes BatchNorm statistics)")
+        raise InputError("gradient_checkpointing_kwargs context_fn is cvt_fast's own (it freezes BatchNorm statistics)")
     return kwargs
 
 

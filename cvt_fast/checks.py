@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import CvtConfig
+from .errors import InputError, InputTypeError
 from .ops import conv_output_size
 
 
@@ -17,22 +18,22 @@ def check_device(device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device name (expected e.g. 'cpu', 'cuda' or 'cuda:1')") from None
+        raise InputError(f"device {device!r} is not a device name (expected e.g. 'cpu', 'cuda' or 'cuda:1')") from None
     if resolved.type == "meta":
-        raise ValueError(f"device {device!r} holds no data: a model moved there loses its weights")
+        raise InputError(f"device {device!r} holds no data: a model moved there loses its weights")
     try:
         torch.empty(0, device=resolved)
     except Exception as error:  # by backend: RuntimeError, AssertionError (no CUDA build), ModuleNotFoundError, ...
         reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
-        raise ValueError(f"device {device!r} is not available on this machine ({reason})") from None
+        raise InputError(f"device {device!r} is not available on this machine ({reason})") from None
     return resolved
 
 
 def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -> None:
     if pixel_values is None:
-        raise ValueError("You have to specify pixel_values")
+        raise InputError("You have to specify pixel_values")
     if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(
+        raise InputTypeError(
             f"pixel_values must be a torch.Tensor of shape (batch, {config.num_channels}, height, width), "
             f"got {type(pixel_values).__name__}; CvtImageProcessor turns images into one"
         )
@@ -40,32 +41,32 @@ def check_pixel_values(pixel_values, config: CvtConfig, first_conv: nn.Conv2d) -
         hint = (
             " (a single image? add a batch dimension with pixel_values.unsqueeze(0))" if pixel_values.ndim == 3 else ""
         )
-        raise ValueError(
+        raise InputError(
             f"pixel_values must have 4 dimensions (batch, channels, height, width), got shape "
             f"{tuple(pixel_values.shape)}{hint}"
         )
     if not pixel_values.is_floating_point():
-        raise TypeError(
+        raise InputTypeError(
             f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; raw images need rescaling and "
             "normalisation first (CvtImageProcessor does both)"
         )
     batch, channels, height, width = pixel_values.shape
     if channels != config.num_channels:
-        raise ValueError(
+        raise InputError(
             f"pixel_values has {channels} channels, but the model expects num_channels={config.num_channels} "
             f"(shape {tuple(pixel_values.shape)}, expected (batch, {config.num_channels}, height, width))"
         )
     if batch == 0:
-        raise ValueError("pixel_values has batch size 0")
+        raise InputError("pixel_values has batch size 0")
     check_image_size(config, height, width)
     weight = first_conv.weight
     if pixel_values.device != weight.device and weight.device.type != "meta":
-        raise ValueError(
+        raise InputError(
             f"pixel_values is on {pixel_values.device} but the model is on {weight.device}; "
             f"move one of them (pixel_values.to({str(weight.device)!r}) or model.to({str(pixel_values.device)!r}))"
         )
     if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
-        raise TypeError(
+        raise InputTypeError(
             f"pixel_values is {pixel_values.dtype} but the model's weights are {weight.dtype}; cast the input "
             f"(pixel_values.to({weight.dtype})) or the model, or run under torch.autocast"
         )
@@ -77,7 +78,7 @@ def check_image_size(config: CvtConfig, height: int, width: int) -> None:
     # of pixels per side, every last-stage token is mostly padding.
     smallest = config.total_stride
     if height < smallest or width < smallest:
-        raise ValueError(
+        raise InputError(
             f"image of {height}x{width} pixels is smaller than the model's total stride: height and width must be at "
             f"least {smallest} (the product of patch_stride {config.patch_stride[: config.num_stages]})"
         )
@@ -90,14 +91,14 @@ def _check_every_conv_has_output(config: CvtConfig, height: int, width: int) -> 
         kernel, stride, padding = config.patch_sizes[stage], config.patch_stride[stage], config.patch_padding[stage]
         height, width = (conv_output_size(side, kernel, stride, padding) for side in (height, width))
         if min(height, width) < 1:
-            raise ValueError(f"the image is too small for stage {stage}'s patch embedding (kernel {kernel})")
+            raise InputError(f"the image is too small for stage {stage}'s patch embedding (kernel {kernel})")
         if config.qkv_projection_method[stage] == "linear":
             continue
         kernel = config.kernel_qkv[stage]
         for name in ("padding_q", "padding_kv"):
             padding = getattr(config, name)[stage]
             if min(height, width) + 2 * padding < kernel:
-                raise ValueError(
+                raise InputError(
                     f"the image is too small for this model: stage {stage} has a {height}x{width} token grid, smaller "
                     f"than its q/k/v kernel ({kernel}) with {name} {padding}"
                 )
@@ -105,34 +106,36 @@ def _check_every_conv_has_output(config: CvtConfig, height: int, width: int) -> 
 
 def check_labels(labels, logits: torch.Tensor, problem_type: str) -> None:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise InputTypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     batch, num_labels = logits.shape
     shape = tuple(labels.shape)
     if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {logits.device}")
+        raise InputError(f"labels are on {labels.device} but the logits are on {logits.device}")
     if problem_type == "single_label_classification":
         if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise TypeError(f"single-label classification needs integer class indices as labels, got {labels.dtype}")
+            raise InputTypeError(
+                f"single-label classification needs integer class indices as labels, got {labels.dtype}"
+            )
         if labels.numel() != batch or (labels.ndim > 1 and labels.shape[0] != batch):
-            raise ValueError(f"single-label classification needs labels of shape ({batch},), got {shape}")
+            raise InputError(f"single-label classification needs labels of shape ({batch},), got {shape}")
         # A value check needs the values on the host: done on the CPU, where it is free; on the GPU the loss
         # kernel's own assertion catches it without a synchronisation here.
         if labels.device.type == "cpu" and not torch.compiler.is_compiling():
             valid = (labels == -100) | ((labels >= 0) & (labels < num_labels))  # -100: CrossEntropyLoss's ignore_index
             if not bool(valid.all()):
                 bad = labels[~valid].unique().tolist()
-                raise ValueError(f"labels must be class indices in [0, {num_labels}) (or -100 to ignore); got {bad}")
+                raise InputError(f"labels must be class indices in [0, {num_labels}) (or -100 to ignore); got {bad}")
     elif problem_type == "multi_label_classification":
         if not labels.is_floating_point():
-            raise TypeError(
+            raise InputTypeError(
                 f"multi-label classification needs float targets of shape ({batch}, {num_labels}), got {labels.dtype}"
                 " (for single-label classification pass integer class indices)"
             )
         if shape != (batch, num_labels):
-            raise ValueError(f"multi-label classification needs labels of shape ({batch}, {num_labels}), got {shape}")
+            raise InputError(f"multi-label classification needs labels of shape ({batch}, {num_labels}), got {shape}")
     elif problem_type == "regression":
         if not labels.is_floating_point():
-            raise TypeError(f"regression needs floating-point labels, got {labels.dtype}")
+            raise InputTypeError(f"regression needs floating-point labels, got {labels.dtype}")
         expected = [(batch, num_labels)] + ([(batch,)] if num_labels == 1 else [])
         if shape not in expected:
-            raise ValueError(f"regression needs labels of shape {' or '.join(map(str, expected))}, got {shape}")
+            raise InputError(f"regression needs labels of shape {' or '.join(map(str, expected))}, got {shape}")

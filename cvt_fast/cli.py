@@ -16,14 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, preset_named
-
-
-class Refusal(Exception):
-    """A problem the user can fix: each line names the argument or file, and what was expected."""
-
-    def __init__(self, *lines: str):
-        super().__init__("\n".join(lines))
-        self.lines = lines
+from .errors import Refused, UserError, one_line
 
 
 def _first_rank() -> bool:
@@ -68,7 +61,7 @@ def _device(name: str | None):
     try:
         return check_device(name)
     except ValueError as error:
-        raise Refusal(f"argument --device: {error}") from None
+        raise Refused(f"argument --device: {error}") from None
 
 
 def _check_backend(backend: str | None) -> None:
@@ -78,7 +71,7 @@ def _check_backend(backend: str | None) -> None:
     try:
         resolve_backend(backend)
     except ValueError as error:
-        raise Refusal(str(error)) from None
+        raise Refused(str(error)) from None
 
 
 # ---- classify -----------------------------------------------------------------------------------------------
@@ -92,7 +85,7 @@ def _classify(args: argparse.Namespace) -> int:
     try:
         import PIL  # noqa: F401
     except ImportError:
-        raise Refusal("needs Pillow: pip install pillow") from None
+        raise Refused("needs Pillow: pip install pillow") from None
     if args.input is not None:
         return _classify_dataset(args)
     import torch
@@ -122,25 +115,25 @@ def _check_classify_form(args: argparse.Namespace) -> None:
     """Image files, or --input with --output; the options of one form are refused in the other."""
     if args.input is None:
         if not args.images:
-            raise Refusal(
+            raise Refused(
                 "give image files, or --input FOLDER_OR_LIST with --output FILE (see cvt-fast classify --help)"
             )
         given = [name for name in DATASET_OPTIONS if getattr(args, name) not in (None, False)]
         if given:
             option = "--" + given[0].replace("_", "-")
-            raise Refusal(f"argument {option}: only with --input (a folder, or a file listing images)")
+            raise Refused(f"argument {option}: only with --input (a folder, or a file listing images)")
         if os.environ.get("WORLD_SIZE", "1") not in ("1", ""):
-            raise Refusal(
+            raise Refused(
                 "under torchrun give --input and --output: image files given as arguments would be classified and "
                 "printed by every process"
             )
         return
     if args.images:
-        raise Refusal(
+        raise Refused(
             f"give image files or --input, not both (got {len(args.images)} file(s) and --input {args.input})"
         )
     if args.output is None:
-        raise Refusal("argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)")
+        raise Refused("argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)")
 
 
 def _classify_dataset(args: argparse.Namespace) -> int:
@@ -187,10 +180,10 @@ def _read_images(paths: list[str], processor) -> list[tuple[str, object]]:
     for path in paths:
         try:
             images.append((path, _read_image(path, processor)))
-        except Refusal as refusal:
+        except Refused as refusal:
             problems.extend(refusal.lines)
     if problems:
-        raise Refusal(*problems)
+        raise Refused(*problems)
     return images
 
 
@@ -203,7 +196,7 @@ def _read_image(path: str, processor):
     try:
         return torch.from_numpy(read_pixel_values(path, processor))[None]
     except UnreadableImage as unreadable:
-        raise Refusal(f"{path}: {unreadable.reason}") from None
+        raise Refused(f"{path}: {unreadable.reason}") from None
 
 
 def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
@@ -217,7 +210,7 @@ def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
         except ValueError as error:
             problems.append(f"{path}: after preprocessing, {error}")
     if problems:
-        raise Refusal(*problems)
+        raise Refused(*problems)
 
 
 # ---- bench --------------------------------------------------------------------------------------------------
@@ -229,7 +222,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.resolutions:
         return _bench_resolutions(args)
     if args.memory_cap_gib is not None:
-        raise Refusal("argument --memory-cap-gib: only the resolution benchmark (--resolutions) has a memory cap")
+        raise Refused("argument --memory-cap-gib: only the resolution benchmark (--resolutions) has a memory cap")
     device = _device(args.device)
     on_gpu = device.type == "cuda"
     implementations = _implementations(args.implementations, device)
@@ -251,7 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise Refusal(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
+            raise Refused(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
     records = run(models, sizes, batches, dtypes, implementations, device, args.rounds, args.out)
     _print_ratios(records)
     return 0
@@ -265,7 +258,7 @@ def _bench_resolutions(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     for option in ("sizes", "batches"):
         if getattr(args, option) is not None:
-            raise Refusal(f"argument --{option}: the resolution benchmark takes --resolutions, one image at a time")
+            raise Refused(f"argument --{option}: the resolution benchmark takes --resolutions, one image at a time")
     if args.implementations:
         names = args.implementations
     elif on_gpu:
@@ -274,14 +267,14 @@ def _bench_resolutions(args: argparse.Namespace) -> int:
         names = ["transformers", "cvt_fast-eager"] + (["onnxruntime"] if _has_onnx_runtime() else [])
     unknown = [n for n in names if n not in resolution.IMPLEMENTATIONS]
     if unknown:
-        raise Refusal(
+        raise Refused(
             f"argument --implementations: unknown {', '.join(map(repr, unknown))}; with --resolutions the "
             f"implementations are {', '.join(resolution.IMPLEMENTATIONS)}"
         )
     if "onnxruntime" in names and on_gpu:
-        raise Refusal("argument --implementations: onnxruntime runs on the CPU (--device cpu)")
+        raise Refused("argument --implementations: onnxruntime runs on the CPU (--device cpu)")
     if "cvt_fast-triton" in names and not on_gpu:
-        raise Refusal(f"argument --implementations: cvt_fast-triton needs a CUDA device (--device is {device})")
+        raise Refused(f"argument --implementations: cvt_fast-triton needs a CUDA device (--device is {device})")
     models = args.models or ["cvt-13"]
     _check_models(models, args.resolutions, option="--resolutions")
     dtypes = args.dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
@@ -290,7 +283,7 @@ def _bench_resolutions(args: argparse.Namespace) -> int:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise Refusal(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
+            raise Refused(f"argument --out: {args.out} cannot be made a folder for the results ({error})") from None
     print(f"memory cap {cap / 2**30:.1f} GiB per point; a contender over it is not tried at larger sizes", flush=True)
     resolution.run(models, args.resolutions, dtypes, list(dict.fromkeys(names)), device, cap, args.out)
     if args.out is not None:
@@ -324,7 +317,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
     if requested:
         unknown = [name for name in requested if name not in IMPLEMENTATIONS]
         if unknown:
-            raise Refusal(
+            raise Refused(
                 f"argument --implementations: unknown {', '.join(map(repr, unknown))}; "
                 f"the implementations are {', '.join(IMPLEMENTATIONS)}"
             )
@@ -341,7 +334,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
             )
     kernel_users = [name for name in chosen if "triton" in name]
     if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
-        raise Refusal(
+        raise Refused(
             f"argument --implementations: {', '.join(kernel_users)} run(s) the Triton kernels, which need a CUDA "
             f"device (--device is {device})"
         )
@@ -349,7 +342,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
         dropped = [name for name in chosen if name.startswith("transformers")]
         chosen = [name for name in chosen if not name.startswith("transformers")]
         if not chosen:
-            raise Refusal(f"{', '.join(dropped)}: needs transformers (pip install transformers)")
+            raise Refused(f"{', '.join(dropped)}: needs transformers (pip install transformers)")
         if dropped:
             print(f"note: transformers is not installed; skipping {', '.join(dropped)} (pip install transformers)")
     return chosen
@@ -366,7 +359,7 @@ def _check_models(models: list[str], sizes: list[int], option: str = "--sizes") 
         elif Path(name).exists():
             config = CvtConfig.from_pretrained(name)  # its refusals name the file
         else:
-            raise Refusal(
+            raise Refused(
                 f"argument --models: unknown preset {name!r}; the presets are {', '.join(PRESETS)} "
                 "(or give the path of a config.json)"
             )
@@ -374,7 +367,7 @@ def _check_models(models: list[str], sizes: list[int], option: str = "--sizes") 
             try:
                 check_image_size(config, size, size)
             except ValueError as error:
-                raise Refusal(f"argument {option}: {size} does not suit {name}: {error}") from None
+                raise Refused(f"argument {option}: {size} does not suit {name}: {error}") from None
 
 
 def _print_ratios(records: list) -> None:
@@ -404,9 +397,9 @@ def _export(args: argparse.Namespace) -> int:
 
     require("onnx", "onnxscript", *(["onnxruntime"] if not args.no_validate else []))  # before minutes of work
     if args.output.is_dir():
-        raise Refusal(f"argument --output: {args.output} is a folder; expected the path of the .onnx file to write")
+        raise Refused(f"argument --output: {args.output} is a folder; expected the path of the .onnx file to write")
     if not args.output.parent.is_dir():
-        raise Refusal(f"argument --output: {args.output.parent} is not a folder to write {args.output.name} in")
+        raise Refused(f"argument --output: {args.output.parent} is not a folder to write {args.output.name} in")
     model = load_for_export(args.model)
     sizes = ((1, 224, 224), (2, 192, 288))
     report = export_onnx(model, args.output, attention=args.attention, validate=not args.no_validate,
@@ -508,19 +501,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _user_error_lines(error: Exception) -> tuple[str, ...] | None:
     """The lines to print for a failure the user caused, or None for anything else (a bug: let it show)."""
-    if isinstance(error, Refusal):  # before the imports below, which bring torch: a form error answers at once
-        return error.lines
-    from .benchmark import BenchmarkRefused
-    from .config import ConfigError
-    from .dataset_inference import ClassifyRefused
-    from .dispatch import KernelUnavailableError
-    from .loading import CheckpointError, one_line
-
-    if isinstance(error, ClassifyRefused):
-        return () if error.reported else error.lines
-    if isinstance(error, CheckpointError):
-        return (error.problem,)  # without the remedy: it is a from_pretrained argument, which the CLI has not
-    if isinstance(error, (ConfigError, BenchmarkRefused, KernelUnavailableError, FileNotFoundError, ImportError)):
+    if isinstance(error, UserError):
+        return () if error.reported else tuple(one_line(line, limit=1000) for line in error.lines)
+    if isinstance(error, (FileNotFoundError, ImportError)):  # a path given, an optional package missing
         return (one_line(error, limit=1000),)
     return None
 

@@ -7,17 +7,18 @@ round trip through cvt_fast unchanged in meaning.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import numbers
 import os
-import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import CheckpointNotFoundError, ConfigError, describe_value
+from .files import read_json_object, replacing
+from .hub import resolve_checkpoint_dir
 
 CONFIG_NAME = "config.json"
 
@@ -66,11 +67,6 @@ STAGE_INTEGER_MINIMUM = {
 # of 1 divides by its keep probability, 0, and turns training outputs into NaN.
 STAGE_RATES = {"attention_drop_rate": {"at_most": 1.0}, "drop_rate": {"at_most": 1.0}, "drop_path_rate": {"below": 1.0}}
 STAGE_FLAGS = ("qkv_bias", "cls_token")
-
-
-class ConfigError(ValueError):
-    """A CvtConfig value, or a config file, that cannot describe a CvT. The message names the field (and the stage,
-    for per-stage lists) or the file, and what was expected."""
 
 
 class CvtConfig:
@@ -405,8 +401,6 @@ class CvtConfig:
         path = Path(name_or_path)
         if path.is_file():
             return cls.from_json_file(path, **overrides)
-        from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
-
         directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[CONFIG_NAME])
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointNotFoundError(f"{directory} has no {CONFIG_NAME}")
@@ -422,46 +416,7 @@ class CvtConfig:
         return f"CvtConfig {self.to_json_string()}"
 
 
-# ---- files --------------------------------------------------------------------------------------------------
-
-
-def read_json_object(path: str | os.PathLike, error: type[Exception]) -> dict[str, Any]:
-    """The JSON object (dict) in a file, or `error` with one line that names the file and what is wrong with it."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as reason:
-        raise error(f"{path}: cannot be read ({reason.strerror or reason})") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: is not UTF-8 text, so not JSON") from None
-    except json.JSONDecodeError as reason:
-        raise error(f"{path}: is not valid JSON ({reason.msg} at line {reason.lineno} column {reason.colno})") from None
-    except RecursionError:
-        raise error(f"{path}: is JSON nested too deeply to be a config") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object ({{...}}), got {describe_value(data)}")
-    return data
-
-
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write to; once written it replaces `path` in one step (os.replace),
-    and a write that fails is deleted instead: no half-written file ever stands where a good one was."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 # ---- field checks -------------------------------------------------------------------------------------------
-
-
-def describe_value(value: Any) -> str:
-    """A value as a message shows it: its type (which is often the mistake) and a bounded repr."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _is_integer(value: Any) -> bool:

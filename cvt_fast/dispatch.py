@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import InputError, KernelUnavailableError
+
 BACKENDS = ("auto", "eager", "triton")
 ENV_VAR = "CVT_FAST_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,16 +41,12 @@ _logged_reasons: set[str] = set()
 _kernel_import_error: list[str | None] = []  # [] until checked, then [None] or [reason]
 
 
-class KernelUnavailableError(RuntimeError):
-    """backend="triton" was asked for, but the kernels cannot run on these inputs."""
-
-
 def resolve_backend(backend: str | None = None) -> str:
     chosen = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     chosen = chosen.strip().lower()
     if chosen not in BACKENDS:
         source = "backend argument" if backend is not None else f"environment variable {ENV_VAR}"
-        raise ValueError(f"{source} is {chosen!r}; expected one of {BACKENDS}")
+        raise InputError(f"{source} is {chosen!r}; expected one of {BACKENDS}")
     return chosen
 
 
@@ -56,7 +54,7 @@ def fp32_attention_mode() -> str:
     """How float32 attention runs on the kernel path (read on every call, so a test or a sweep can switch it)."""
     mode = os.environ.get(FP32_ATTENTION_VAR, "tf32x3").strip().lower()
     if mode not in FP32_ATTENTION_MODES:
-        raise ValueError(
+        raise InputError(
             f"environment variable {FP32_ATTENTION_VAR} is {mode!r}; expected one of {FP32_ATTENTION_MODES}"
         )
     return mode

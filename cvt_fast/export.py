@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .errors import MissingDependencyError
 
 OPSET = 23
 ATTENTION_FORMS = {
@@ -42,10 +43,6 @@ TOLERANCE = 1e-4
 
 class ExportError(RuntimeError):
     """The export could not be made, or made a file that does not compute what the model computes."""
-
-
-class MissingDependencyError(ImportError):
-    """onnx, onnxscript or onnxruntime is not installed."""
 
 
 @dataclass
@@ -166,7 +163,8 @@ def _validate(path: Path, traced: _Traced, inputs: list[torch.Tensor]) -> list[t
 def load_for_export(name_or_path: str | os.PathLike) -> nn.Module:
     """A checkpoint as the model it holds: CvtForImageClassification when it has a classifier head, else CvtModel
     (the keys are read from the safetensors header alone where there is one)."""
-    from .loading import read_state_dict, resolve_checkpoint_dir, weight_files
+    from .hub import resolve_checkpoint_dir
+    from .loading import read_state_dict, weight_files
     from .modeling import CvtForImageClassification, CvtModel
 
     directory = resolve_checkpoint_dir(name_or_path)

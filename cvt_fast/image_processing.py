@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, check_integer, check_number, describe_value, read_json_object, replacing
+from .config import CONFIG_NAME, check_integer, check_number, preset_named
+from .errors import CheckpointNotFoundError, ConfigError, InputError, InputTypeError, describe_value
+from .files import read_json_object, replacing
+from .hub import resolve_checkpoint_dir
 
 logger = logging.getLogger("cvt_fast")
 
@@ -87,13 +90,9 @@ class CvtImageProcessor:
         """Read preprocessor_config.json from a checkpoint directory (or hub id), or a preset name like "cvt-13"
         (unless a file or folder of that name exists). A checkpoint without preprocessor_config.json (as
         transformers' model.save_pretrained writes it) gets CvT's default preprocessing, with a warning."""
-        from .config import CONFIG_NAME, preset_named
-
         preset = preset_named(name_or_path)
         if preset is not None:
             return cls(size=preset.image_size, **overrides)
-        from .loading import CheckpointNotFoundError, resolve_checkpoint_dir
-
         directory = resolve_checkpoint_dir(name_or_path, allow_patterns=[PREPROCESSOR_NAME, CONFIG_NAME])
         path = Path(directory) / PREPROCESSOR_NAME
         if not path.is_file():
@@ -137,12 +136,12 @@ class CvtImageProcessor:
         {"pixel_values": (N, 3, size, size) float32 tensor}; return_tensors="np" gives a numpy array."""
         batch = images if isinstance(images, (list, tuple)) else [images]
         if not batch:
-            raise ValueError("no images given")
+            raise InputError("no images given")
         arrays = np.stack([self.preprocess_one(image) for image in batch])
         if return_tensors in ("np", None):
             return BatchFeature(pixel_values=arrays)
         if return_tensors != "pt":
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+            raise InputError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         return BatchFeature(pixel_values=torch.from_numpy(arrays))
 
     def preprocess_one(self, image) -> np.ndarray:
@@ -204,13 +203,13 @@ def _to_rgb_pil(image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 (0..255), got {image.dtype}")
+            raise InputTypeError(f"numpy images must be uint8 (0..255), got {image.dtype}")
         if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)):
             return Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image).convert(
                 "RGB"
             )
-        raise ValueError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
-    raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
+        raise InputError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    raise InputTypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
 
 
 def _center_crop(array: np.ndarray, size: int) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,10 @@ from typing import Any
 import torch
 
 from .checks import check_device
-from .config import CONFIG_NAME, ConfigError, CvtConfig, read_json_object, replacing
+from .config import CONFIG_NAME, CvtConfig
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, ConfigError, one_line
+from .files import read_json_object, replacing
+from .hub import resolve_checkpoint_dir
 
 logger = logging.getLogger("cvt_fast")
 
@@ -29,62 +31,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: unreadable or corrupt files, or keys that do not fit the model. The message
-    names the file or the keys; `remedy`, when there is one, is the from_pretrained argument that would accept it."""
-
-    def __init__(self, problem: str, remedy: str | None = None):
-        super().__init__(problem + (f" ({remedy})" if remedy else ""))
-        self.problem = problem
-        self.remedy = remedy
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No checkpoint under that name: no such folder, nothing on the Hub, or no weights or config in the folder."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """save_pretrained could not write; whatever the folder held before is left as it was."""
-
-
-# ---- finding a checkpoint -----------------------------------------------------------------------------------
-
-
-def resolve_checkpoint_dir(
-    name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs
-) -> Path:
-    """A local directory as is; anything else that could be a Hugging Face Hub id is fetched through
-    huggingface_hub (an optional dependency)."""
-    name = os.fspath(name_or_path)
-    if not name.strip():  # Path("") is the working directory, which is never what an empty name meant
-        raise CheckpointNotFoundError("an empty name is not a checkpoint (expected a save_pretrained folder or hub id)")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointNotFoundError(
-            f"{name!r} is a file, not a checkpoint directory (expected a save_pretrained folder)"
-        )
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise CheckpointNotFoundError(f"{name!r} is not a checkpoint directory: there is no such folder")
-    return _download(name, allow_patterns or ["*.json", "*.safetensors", "*.bin"], hub_kwargs)
-
-
-def _download(repo_id: str, allow_patterns: list[str], hub_kwargs: dict) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise ImportError(
-            f"{repo_id!r} is not a local directory, so it would be fetched from the Hugging Face Hub, which needs the "
-            "optional package huggingface_hub: pip install huggingface_hub (or pass a local directory)"
-        ) from error
-    try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=allow_patterns, **hub_kwargs))
-    except Exception as error:  # whatever the Hub or the network answered, the name reached no checkpoint
-        raise CheckpointNotFoundError(
-            f"{repo_id!r} is not a checkpoint directory (there is no folder {Path(repo_id).absolute()}) and could not "
-            f"be fetched from the Hugging Face Hub either ({one_line(error)})"
-        ) from error
+# ---- reading weights ------------------------------------------------------------------------------------
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -198,16 +145,6 @@ def _check_tensors(file: Path, data: Any) -> None:
                 raise CheckpointError(f"{file}: {key} is {value.dtype}, expected an integer step counter")
         elif not value.is_floating_point():
             raise CheckpointError(f"{file}: {key} is {value.dtype}, expected floating-point weights")
-
-
-def one_line(error: Exception | str, first_sentence: bool = False, limit: int = 200) -> str:
-    """An exception's message on one line, without terminal colour codes, bounded in length."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
-    if first_sentence:
-        text = text.split(". ", 1)[0]
-    if not text and isinstance(error, Exception):
-        text = type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- matching keys ------------------------------------------------------------------------------------------

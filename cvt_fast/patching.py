@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import CvtConfig
 from .dispatch import prepare_backend, resolve_backend
+from .errors import InputError, InputTypeError
 from .modeling import CvtForImageClassification, CvtModel, CvtSelfAttention
 
 _ORIGINALS = "_cvt_fast_originals"  # attribute of a patched model: {qualified name: original module}
@@ -32,7 +33,7 @@ def _fast_attention_like(original: nn.Module, backend: str) -> CvtSelfAttention:
     """A cvt_fast attention layer with the original's hyperparameters, sharing its tensors."""
     query, key = original.convolution_projection_query, original.convolution_projection_key
     if not hasattr(key, "convolution_projection"):  # transformers builds "avg"/"linear" layers but cannot run them
-        raise ValueError(
+        raise InputError(
             "this transformers CvT has a qkv_projection_method other than 'dw_bn', which transformers cannot run; "
             "build it with cvt_fast.from_transformers(model) or cvt_fast.CvtModel instead"
         )
@@ -99,7 +100,7 @@ def patch(model: nn.Module, backend: str | None = None, inplace: bool = True) ->
     originals = getattr(model, _ORIGINALS, {})
     targets = [(name, m) for name, m in model.named_modules() if _is_transformers_attention(m)]
     if not targets and not originals:
-        raise TypeError(f"{type(model).__name__} contains no transformers CvtSelfAttention layer to patch")
+        raise InputTypeError(f"{type(model).__name__} contains no transformers CvtSelfAttention layer to patch")
     for name, original in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -116,7 +117,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo patch(model): the original transformers layers go back, with whatever the shared weights now hold."""
     originals = getattr(model, _ORIGINALS, None)
     if not originals:
-        raise ValueError(f"this {type(model).__name__} was not patched by cvt_fast.patch")
+        raise InputError(f"this {type(model).__name__} was not patched by cvt_fast.patch")
     for name, original in originals.items():
         parent_name, _, child = name.rpartition(".")
         fast = model.get_submodule(name)
@@ -134,7 +135,7 @@ def from_transformers(model: nn.Module, backend: str | None = None) -> CvtModel 
     and buffer tensors (shared, not copied), same train/eval mode."""
     kind = type(model).__name__
     if kind not in ("CvtModel", "CvtForImageClassification") or not type(model).__module__.startswith("transformers."):
-        raise TypeError(f"expected a transformers CvtModel or CvtForImageClassification, got {kind}")
+        raise InputTypeError(f"expected a transformers CvtModel or CvtForImageClassification, got {kind}")
     config = CvtConfig.from_dict(model.config.to_dict())
     fast_class = CvtForImageClassification if kind == "CvtForImageClassification" else CvtModel
     with torch.device("meta"):

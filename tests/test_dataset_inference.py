@@ -247,7 +247,7 @@ def test_a_refusal_on_any_rank_reaches_every_rank_naming_it():
             return [value, ("cannot write rank-1.jsonl",)]  # as if rank 1 had refused
 
     coordinator = TwoRanks(di.Ranks())
-    with pytest.raises(di.ClassifyRefused) as refused:
+    with pytest.raises(cvt_fast.errors.Refused) as refused:
         coordinator.agree(lambda: "rank 0 is fine")
     assert refused.value.lines == ("rank 1: cannot write rank-1.jsonl",)
 

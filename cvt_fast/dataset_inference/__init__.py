@@ -14,7 +14,7 @@ process or in one process per GPU under torchrun. run.classify_dataset takes a r
   sorted by path; then the part files go. summary.py says what it holds and where the time went; progress.py shows
   the way there.
 
-A problem the user can fix is a ClassifyRefused (refusals.py), one line each. torch.distributed carries only
+A problem the user can fix is a cvt_fast.errors.Refused, one line each. torch.distributed carries only
 coordination here (ranks.py, gloo: agreement on refusals, barriers, timings). Each rank's model runs on its own, so
 inference needs no nccl.
 """
@@ -22,12 +22,10 @@ inference needs no nccl.
 from .images import UnreadableImage, folder_as_written, list_images, read_pixel_values, shard
 from .progress import Progress
 from .ranks import Coordinator, Ranks
-from .refusals import ClassifyRefused
 from .results import repair, result_line
 from .run import Options, classify_dataset
 
 __all__ = [
-    "ClassifyRefused",
     "Coordinator",
     "Options",
     "Progress",

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .refusals import ClassifyRefused
+from ..errors import Refused
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -29,7 +29,7 @@ def read_pixel_values(path: str, processor) -> np.ndarray:
     """(3, H, W) float32 pixel values of the image at `path`, or UnreadableImage saying why not."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..loading import one_line
+    from ..errors import one_line
 
     try:
         with Image.open(path) as image:
@@ -58,14 +58,14 @@ class Listing:
 def list_images(source: str) -> Listing:
     """A folder's image files (recursively), or the paths a text file lists one per line."""
     if not source:
-        raise ClassifyRefused("argument --input: an empty name is not a folder or a file")
+        raise Refused("argument --input: an empty name is not a folder or a file")
     if os.path.isdir(source):
         return _list_folder(folder_as_written(source))
     if os.path.isfile(source):
         return _list_file(source)
     if not os.path.exists(source):
-        raise ClassifyRefused(f"argument --input: {source}: no such folder or file")
-    raise ClassifyRefused(f"argument --input: {source} is neither a folder nor a file")
+        raise Refused(f"argument --input: {source}: no such folder or file")
+    raise Refused(f"argument --input: {source} is neither a folder nor a file")
 
 
 def folder_as_written(folder: str) -> str:
@@ -83,7 +83,7 @@ def _list_folder(folder: str) -> Listing:
     """Files with an image extension, hidden names skipped (macOS writes `._name.jpg` files that are not images)."""
 
     def unlistable(error: OSError) -> None:
-        raise ClassifyRefused(f"argument --input: {error.filename}: cannot be listed ({error.strerror})")
+        raise Refused(f"argument --input: {error.filename}: cannot be listed ({error.strerror})")
 
     found, others = [], 0
     for root, folders, files in os.walk(folder, onerror=unlistable):
@@ -96,7 +96,7 @@ def _list_folder(folder: str) -> Listing:
             else:
                 others += 1
     if not found:
-        raise ClassifyRefused(
+        raise Refused(
             f"argument --input: {folder} holds no image files (searched it recursively for "
             f"{', '.join(IMAGE_EXTENSIONS)}; {others} other file(s))"
         )
@@ -108,7 +108,7 @@ def _list_file(list_file: str) -> Listing:
     """One path per line, as written (relative ones to the working directory, as a shell reads them); lines of
     nothing but white space skipped."""
     if list_file.lower().endswith(IMAGE_EXTENSIONS):
-        raise ClassifyRefused(
+        raise Refused(
             f"argument --input: {list_file} is an image; --input takes a folder or a text file listing images "
             "(image files themselves go without --input)"
         )
@@ -116,13 +116,13 @@ def _list_file(list_file: str) -> Listing:
         # surrogateescape: a file name that is not UTF-8 survives the round trip to the path it names
         text = Path(list_file).read_bytes().decode("utf-8", "surrogateescape")
     except OSError as error:
-        raise ClassifyRefused(f"argument --input: {list_file}: cannot be read ({error.strerror})") from None
+        raise Refused(f"argument --input: {list_file}: cannot be read ({error.strerror})") from None
     if "\0" in text:
-        raise ClassifyRefused(f"argument --input: {list_file} is not a text file of image paths (it holds NUL bytes)")
+        raise Refused(f"argument --input: {list_file} is not a text file of image paths (it holds NUL bytes)")
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     named = [line for line in lines if line.strip()]
     if not named:
-        raise ClassifyRefused(f"argument --input: {list_file} names no image files (it has no non-blank line)")
+        raise Refused(f"argument --input: {list_file} names no image files (it has no non-blank line)")
     unique = sorted(set(named))
     notes = []
     if len(unique) < len(named):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from .refusals import ClassifyRefused
+from ..errors import Refused
 
 # A rank that finished its shard waits for the slowest one; on a long job that can be hours (a throttled GPU). A rank
 # that dies does not leave the others waiting: torchrun stops them all.
@@ -33,7 +33,7 @@ class Ranks:
             try:
                 values[name.lower()] = int(text)
             except ValueError:
-                raise ClassifyRefused(f"environment variable {name} is {text!r}; expected a whole number") from None
+                raise Refused(f"environment variable {name} is {text!r}; expected a whole number") from None
         return cls(**values)
 
 
@@ -63,11 +63,11 @@ class Coordinator:
         prints them, naming the rank they came from: a rank's own problem, its GPU say, is not lost). A barrier too."""
         try:
             value, refusal = step(), None
-        except ClassifyRefused as refused:
+        except Refused as refused:
             value, refusal = None, refused.lines
         for rank, lines in enumerate(self.gather(refusal)):
             if lines:
-                refused = ClassifyRefused(*(lines if rank == 0 else [f"rank {rank}: {line}" for line in lines]))
+                refused = Refused(*(lines if rank == 0 else [f"rank {rank}: {line}" for line in lines]))
                 refused.agreed = True
                 raise refused
         return value

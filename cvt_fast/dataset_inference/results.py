@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import Refused
 from .images import IMAGE_EXTENSIONS
-from .refusals import ClassifyRefused
 
 SCORE_DECIMALS = 6  # a probability to 1e-6 is all a reader uses, and it keeps a million lines short
 
@@ -69,7 +69,7 @@ def read_results(path: Path) -> ResultFile:
 
 def repair(path: Path) -> int:
     """Rewrite a part file with only its whole, well-formed lines; the number of lines dropped."""
-    from ..config import replacing
+    from ..files import replacing
 
     results = read_results(path)
     if results.damaged:
@@ -100,14 +100,14 @@ class RunFiles:
 def check_output(output: Path, source: str, paths: Iterable[str]) -> None:
     """Refuse an output that would overwrite an input, or that cannot be a file."""
     if output.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise ClassifyRefused(
+        raise Refused(
             f"argument --output: {output} has an image extension; the results are JSON lines (e.g. results.jsonl)"
         )
     if output.is_dir():
-        raise ClassifyRefused(f"argument --output: {output} is a folder; expected a file name such as results.jsonl")
+        raise Refused(f"argument --output: {output} is a folder; expected a file name such as results.jsonl")
     target = os.path.abspath(output)
     if target == os.path.abspath(source) or target in {os.path.abspath(p) for p in paths}:
-        raise ClassifyRefused(f"argument --output: {output} is one of the inputs; writing it would destroy it")
+        raise Refused(f"argument --output: {output} is one of the inputs; writing it would destroy it")
 
 
 def finished_results(files: RunFiles) -> dict[str, str]:
@@ -122,12 +122,12 @@ def finished_results(files: RunFiles) -> dict[str, str]:
 def merge(files: RunFiles, paths: Sequence[str]) -> list[str]:
     """Write OUTPUT: one line per listed image, in the listing's order (sorted by path), written beside it and renamed
     into place; then the part files go (run.json stays, so that a rerun knows the output is its own). The lines."""
-    from ..config import replacing
+    from ..files import replacing
 
     finished = finished_results(files)
     missing = [path for path in paths if path not in finished]
     if missing:
-        raise ClassifyRefused(
+        raise Refused(
             f"{len(missing)} image(s) have no result in {files.folder} (first: {missing[0]}); every rank must write "
             "to the same filesystem (a shared one across machines); rerun the same command to finish them"
         )

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from ..errors import Refused
 from .images import Listing, list_images, listing_digest, shard
 from .model_loop import ShardTimes, classify_shard
 from .progress import Progress
 from .ranks import Coordinator, Ranks
-from .refusals import ClassifyRefused
 from .results import RunFiles, check_output, finished_results, merge
 from .run_record import prepare_run_folder, run_record
 from .summary import summary_lines
@@ -50,11 +50,11 @@ def resolve_device(name: str | None, ranks: Ranks) -> torch.device:
     try:
         device = check_device(name)
     except ValueError as error:
-        raise ClassifyRefused(f"argument --device: {error}") from None
+        raise Refused(f"argument --device: {error}") from None
     if device.type != "cuda" or device.index is not None or ranks.world_size == 1:
         return device
     if ranks.local_rank >= torch.cuda.device_count():
-        raise ClassifyRefused(
+        raise Refused(
             f"argument --device: no cuda:{ranks.local_rank} for local rank {ranks.local_rank}: torchrun started "
             f"{ranks.local_world_size} processes on this machine, which has {torch.cuda.device_count()} GPU(s)"
         )
@@ -77,7 +77,7 @@ def classify_dataset(options: Options, ranks: Ranks | None = None, out=None, err
     err = err or sys.stderr
     try:
         return _run(options, ranks, coordinator, out or sys.stdout, err)
-    except ClassifyRefused as refused:
+    except Refused as refused:
         if refused.agreed and coordinator.distributed:
             # torchrun stops the other processes as soon as one exits: rank 0 prints the refusal, and only then
             # does any rank leave, so that it is never lost with the process that would have printed it
@@ -97,7 +97,7 @@ def _run(options: Options, ranks: Ranks, coordinator: Coordinator, out, err) -> 
     first = ranks.rank == 0
     listing, device, record = coordinator.agree(lambda: _look(options, ranks))
     if len(set(coordinator.gather(listing_digest(listing.paths)))) > 1:
-        raise ClassifyRefused(
+        raise Refused(
             f"argument --input: the ranks listed {options.source} differently (is it changing?); every rank must see "
             "the same files"
         )
@@ -130,7 +130,7 @@ def _look(options: Options, ranks: Ranks):
     check_output(options.output, options.source, listing.paths)
     device = resolve_device(options.device, ranks)
     if not (options.checkpoint / "config.json").is_file():
-        raise ClassifyRefused(f"{options.checkpoint} has no config.json")
+        raise Refused(f"{options.checkpoint} has no config.json")
     with _as_refusals():
         _check_preprocessed_size(options)
         record = None
@@ -152,7 +152,7 @@ def _load(options: Options, device: torch.device):
 
 @contextlib.contextmanager
 def _as_refusals():
-    """cvt_fast's refusals (of a checkpoint, a config, a backend) as ClassifyRefused, which the ranks agree on: a
+    """cvt_fast's refusals (of a checkpoint, a config, a backend) as Refused, which the ranks agree on: a
     rank's own failure is not lost, and the others do not wait for it."""
     from ..config import ConfigError
     from ..dispatch import KernelUnavailableError
@@ -161,9 +161,9 @@ def _as_refusals():
     try:
         yield
     except CheckpointError as error:
-        raise ClassifyRefused(error.problem) from None  # without the remedy, a from_pretrained argument
+        raise Refused(error.problem) from None  # without the remedy, a from_pretrained argument
     except (ConfigError, KernelUnavailableError) as error:
-        raise ClassifyRefused(one_line(error, limit=1000)) from None
+        raise Refused(one_line(error, limit=1000)) from None
 
 
 def _check_preprocessed_size(options: Options) -> None:
@@ -178,7 +178,7 @@ def _check_preprocessed_size(options: Options) -> None:
     try:
         check_image_size(config, processor.size, processor.size)
     except ValueError as error:
-        raise ClassifyRefused(f"preprocessing makes every image {processor.size} px square, but {error}") from None
+        raise Refused(f"preprocessing makes every image {processor.size} px square, but {error}") from None
 
 
 def _finished_and_part(files: RunFiles, listing: Listing, ranks: Ranks):
@@ -188,7 +188,7 @@ def _finished_and_part(files: RunFiles, listing: Listing, ranks: Ranks):
     try:
         part = files.part(ranks.rank).open("ab", buffering=0)  # unbuffered: each write() is one system call
     except OSError as error:
-        raise ClassifyRefused(f"argument --output: cannot write {files.part(ranks.rank)} ({error})") from None
+        raise Refused(f"argument --output: cannot write {files.part(ranks.rank)} ({error})") from None
     return len(listing.paths) - len(remaining), remaining, part
 
 
@@ -206,7 +206,7 @@ def _classify_part(model, mine: Sequence[str], part, workers: int, options: Opti
         os.fsync(part.fileno())
         return times
     except torch.cuda.OutOfMemoryError:
-        raise ClassifyRefused(
+        raise Refused(
             f"a batch of {options.batch_size} images does not fit in {model.device}'s memory; rerun with a smaller "
             "--batch-size (the images done so far are kept)"
         ) from None

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from ..errors import Refused
 from .images import folder_as_written
-from .refusals import ClassifyRefused
 from .results import RunFiles, repair
 
 RECORD_FORMAT = 1
@@ -75,13 +75,13 @@ def prepare_run_folder(files: RunFiles, record: dict, overwrite: bool) -> list[s
     try:
         files.folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ClassifyRefused(f"argument --output: cannot write results beside {files.output} ({error})") from None
+        raise Refused(f"argument --output: cannot write results beside {files.output} ({error})") from None
     has_results = files.output.exists() or any(part.stat().st_size for part in files.parts())
     if files.record.is_file() and has_results:
         _check_record(files, record)
     elif has_results:
         taken = files.output if files.output.exists() else files.folder
-        raise ClassifyRefused(
+        raise Refused(
             f"{taken} already exists, and no {files.record} says which run produced it; pass --overwrite to "
             "replace it, or choose another --output"
         )
@@ -100,30 +100,30 @@ def _forget(files: RunFiles) -> None:
         try:
             path.unlink(missing_ok=True)
         except OSError as error:
-            raise ClassifyRefused(f"argument --overwrite: cannot remove {path} ({error})") from None
+            raise Refused(f"argument --overwrite: cannot remove {path} ({error})") from None
 
 
 def _check_record(files: RunFiles, record: dict) -> None:
     try:
         earlier = json.loads(files.record.read_text())
     except (OSError, ValueError) as error:
-        raise ClassifyRefused(
+        raise Refused(
             f"{files.record}: cannot be read ({error}); pass --overwrite to start over, or choose another --output"
         ) from None
     differences = _differences(earlier, record) if isinstance(earlier, dict) else ["its contents"]
     if differences:
         shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
-        raise ClassifyRefused(
+        raise Refused(
             f"{files.output}: the results so far came from another model or other options ({shown}); rerun the "
             "same command to finish them, pass --overwrite to start over, or choose another --output"
         )
 
 
 def _write_record(files: RunFiles, record: dict) -> None:
-    from ..config import replacing
+    from ..files import replacing
 
     try:
         with replacing(files.record) as temporary:
             temporary.write_text(json.dumps(record, indent=1) + "\n")
     except OSError as error:
-        raise ClassifyRefused(f"argument --output: cannot write results beside {files.output} ({error})") from None
+        raise Refused(f"argument --output: cannot write results beside {files.output} ({error})") from None
