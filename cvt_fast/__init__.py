@@ -65,6 +65,7 @@ __all__ = [
 
 
 # `import cvt_fast` then `cvt_fast.ops.clear_fold_cache()` worked when this file imported everything: still does.
+# (cvt_fast.dispatch moved into cvt_fast.ops.dispatch, and its oneDNN half into cvt_fast.ops.cpu.)
 _SUBMODULES = (
     "backbone",
     "benchmark",
@@ -73,7 +74,6 @@ _SUBMODULES = (
     "cli",
     "config",
     "dataset_inference",
-    "dispatch",
     "errors",
     "export",
     "files",

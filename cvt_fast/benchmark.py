@@ -196,7 +196,7 @@ def _onnxruntime(base) -> Callable:
 def cpu_native_bfloat16() -> str | None:
     """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
     where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
-    from .dispatch import cpu_has_native_bfloat16
+    from .ops.cpu import cpu_has_native_bfloat16
 
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -453,7 +453,7 @@ def run(
     rounds: int = 5,
     out_dir: Path | None = None,
 ) -> list[Record]:
-    from .dispatch import TRITON_INTERPRET
+    from .kernels.launch import TRITON_INTERPRET
 
     unknown = [name for name in implementations if name not in IMPLEMENTATIONS]
     if unknown:  # an unknown name would otherwise be timed as cvt_fast with the Triton backend

@@ -66,7 +66,7 @@ def _device(name: str | None):
 
 def _check_backend(backend: str | None) -> None:
     """--backend is checked by argparse; without it, CVT_FAST_BACKEND from the environment decides."""
-    from .dispatch import resolve_backend
+    from .ops.dispatch import resolve_backend
 
     try:
         resolve_backend(backend)
@@ -141,8 +141,8 @@ def _classify_dataset(args: argparse.Namespace) -> int:
     import torch
 
     from .dataset_inference import Options, classify_dataset
-    from .dispatch import resolve_backend
     from .loading import resolve_checkpoint_dir
+    from .ops.dispatch import resolve_backend
 
     _check_backend(args.backend)
     checkpoint = resolve_checkpoint_dir(args.model)
@@ -312,7 +312,7 @@ def _implementations(requested: list[str] | None, device) -> list[str]:
     import importlib.util
 
     from .benchmark import CPU_DEFAULT, GPU_DEFAULT, IMPLEMENTATIONS
-    from .dispatch import TRITON_INTERPRET
+    from .kernels.launch import TRITON_INTERPRET
 
     if requested:
         unknown = [name for name in requested if name not in IMPLEMENTATIONS]

@@ -19,7 +19,7 @@ from . import ops
 from .checkpointing import checked_checkpoint_kwargs, checkpointed_call
 from .checks import check_labels, check_pixel_values
 from .config import CvtConfig
-from .dispatch import prepare_backend, resolve_backend
+from .ops.dispatch import prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
 # ---- linear layers ------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class CvtSelfAttention(nn.Module):
             [p.convolution_projection.conv_bn() for p in self._projections()] if fused else None,
             projection_method=self.qkv_projection_method,
             training=self.training,
-            module_path=lambda: self._project_with_modules(hidden_state, height, width),
+            run_modules=lambda: self._project_with_modules(hidden_state, height, width),
             backend=self.backend,
             paths=self.paths,
         )

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .config import CvtConfig
-from .dispatch import prepare_backend, resolve_backend
 from .errors import InputError, InputTypeError
 from .modeling import CvtForImageClassification, CvtModel, CvtSelfAttention
+from .ops.dispatch import prepare_backend, resolve_backend
 
 _ORIGINALS = "_cvt_fast_originals"  # attribute of a patched model: {qualified name: original module}
 

@@ -1,4 +1,5 @@
-"""Triton kernels of cvt_fast, shipped as cvt_fast.kernels. One file per fused op; see each module's docstring.
+"""Triton kernels of cvt_fast, shipped as cvt_fast.kernels. One file per fused op; see each module's docstring. A leaf:
+nothing here imports the rest of cvt_fast, and the launchers take tensors and plain numbers.
 
 This folder sits at the top of the repository, so from the repository root (where the working directory comes first
 on sys.path) it would also pass for a top-level module `kernels`: the name of a PyPI package that transformers
@@ -36,9 +37,17 @@ def _step_aside(name: str) -> None:
 
 
 if __name__ == "cvt_fast.kernels":
-    from .attention import flash_attention
-    from .conv_projection import qkv_conv_bn
+    # The launchers import Triton; launch.py and shapes.py do not, so they are imported on their own and the
+    # launchers only on first use (cvt_fast runs without Triton, on its eager path).
+    _LAUNCHERS = {"flash_attention": "attention", "qkv_conv_bn": "conv_projection"}
+    __all__ = list(_LAUNCHERS)
 
-    __all__ = ["flash_attention", "qkv_conv_bn"]
+    def __getattr__(name: str):
+        if name not in _LAUNCHERS:
+            raise AttributeError(f"module 'cvt_fast.kernels' has no attribute {name!r}")
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
+
 else:
     _step_aside(__name__)

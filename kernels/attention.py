@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import TRITON_INTERPRET
-from .launch import launch_guard, multiprocessor_count
+from .launch import TRITON_INTERPRET, launch_guard, multiprocessor_count
 
 LOG2E = 1.4426950408889634
 

@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import TRITON_INTERPRET
-from ..ops import conv_output_size
-from .launch import launch_guard
+from .launch import TRITON_INTERPRET, launch_guard
+from .shapes import conv_output_size
 
 
 @triton.jit

@@ -1,11 +1,16 @@
-"""What every launcher needs besides its kernel: the right device, and the size of the machine it fills."""
+"""What every launcher needs besides its kernel: the right device, the size of the machine it fills, and whether
+Triton runs in its interpreter. Imports no Triton, so that cvt_fast can ask without it."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
+
+# Read once, when cvt_fast.kernels is first imported: Triton itself reads it once, when it is first imported.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Hopper's multiprocessor count (H100 SXM and H200), for tensors that are not on a GPU: the sm_90 compile check,
 # which drives the launchers with CPU tensors to compile exactly what a launch would.

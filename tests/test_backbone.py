@@ -142,7 +142,7 @@ def test_tuple_form_and_the_kernel_backend():
         maps = backbone(x).feature_maps
         as_tuple = backbone(x, return_dict=False)
         assert len(as_tuple) == 1 and all(torch.equal(a, b) for a, b in zip(as_tuple[0], maps, strict=True))
-        if cvt_fast.dispatch.TRITON_INTERPRET:  # the kernels in Triton's interpreter (CPU CI)
+        if cvt_fast.kernels.launch.TRITON_INTERPRET:  # the kernels in Triton's interpreter (CPU CI)
             backbone.set_backend("triton")
             kernel_maps = backbone(x).feature_maps
             assert {p for layer in backbone.kernel_paths().values() for p in fused_ops(layer).values()} == {"triton"}

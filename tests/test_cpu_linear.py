@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 import cvt_fast
-from cvt_fast import dispatch, ops
+from cvt_fast import ops
 from cvt_fast.modeling import CvtLinear
+from cvt_fast.ops import cpu
 
 from helpers import rel_err
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
-NATIVE_BF16 = dispatch.cpu_has_native_bfloat16()
+NATIVE_BF16 = cpu.cpu_has_native_bfloat16()
 
 
 def definition(x, weight, bias):
@@ -48,10 +49,10 @@ def test_as_accurate_as_f_linear_against_float64(shape, dtype, floor):
 def test_bfloat16_without_native_support_takes_f_linear_and_says_why(monkeypatch):
     """On a CPU without native bfloat16 (AVX2 only), oneDNN's bfloat16 product raises; the capability check is
     forced here, so that the fallback is exercised on any CPU."""
-    monkeypatch.setattr(dispatch, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: False)
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(ops.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
     layer = CvtLinear(64, 32).eval().to(torch.bfloat16)
     x = torch.randn(5, 64).to(torch.bfloat16)
     with torch.inference_mode():
@@ -70,8 +71,8 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
     script = textwrap.dedent(
         """
         import torch, cvt_fast
-        from cvt_fast import dispatch
-        assert not dispatch.cpu_has_native_bfloat16()
+        from cvt_fast.ops import cpu
+        assert not cpu.cpu_has_native_bfloat16()
         try:
             torch.ops.mkldnn._linear_pointwise(torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), None,
                                                "none", [], "")
@@ -127,7 +128,7 @@ def test_every_edit_reaches_the_next_call_data_included():
 def test_autograd_training_and_compilers_keep_f_linear(monkeypatch):
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(ops.torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
     layer = CvtLinear(16, 8)
     x = torch.randn(4, 16)
     layer.train()(x).sum().backward()  # training: gradients flow through F.linear
@@ -137,9 +138,9 @@ def test_autograd_training_and_compilers_keep_f_linear(monkeypatch):
     with torch.no_grad():
         layer(x)
         assert calls == [1]
-        monkeypatch.setenv(dispatch.ONEDNN_LINEAR_VAR, "0")
+        monkeypatch.setenv(cpu.ONEDNN_LINEAR_VAR, "0")
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and calls == [1]
-        monkeypatch.delenv(dispatch.ONEDNN_LINEAR_VAR)
+        monkeypatch.delenv(cpu.ONEDNN_LINEAR_VAR)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         assert rel_err(compiled(x), definition(x, layer.weight, layer.bias)) < 1e-5 and calls == [1]
         layer.double()(x.double())

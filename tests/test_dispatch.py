@@ -5,8 +5,9 @@ import logging
 import pytest
 import torch
 
-from cvt_fast import CvtConfig, CvtForImageClassification, KernelUnavailableError, dispatch
-from cvt_fast.dispatch import ENV_VAR, resolve_backend
+from cvt_fast import CvtConfig, CvtForImageClassification, KernelUnavailableError
+from cvt_fast.ops import dispatch
+from cvt_fast.ops.dispatch import ENV_VAR, resolve_backend
 
 from helpers import fused_ops, model_pair, rel_err
 

@@ -156,7 +156,8 @@ def test_cpu_benchmark_runs_the_compiled_path_and_onnx_runtime(tmp_path):
 def test_cpu_defaults_follow_the_machine(monkeypatch, capsys):
     import importlib.util
 
-    from cvt_fast import benchmark, dispatch
+    from cvt_fast import benchmark
+    from cvt_fast.ops import cpu
 
     assert cli._implementations(None, torch.device("cpu")) == list(benchmark.CPU_DEFAULT)
     real_find_spec = importlib.util.find_spec
@@ -165,12 +166,12 @@ def test_cpu_defaults_follow_the_machine(monkeypatch, capsys):
     )
     assert "onnxruntime" not in cli._implementations(None, torch.device("cpu"))
     assert "skipping onnxruntime (pip install onnx onnxscript 'onnxruntime>=1.22')" in capsys.readouterr().out
-    monkeypatch.setattr(dispatch, "cpu_has_native_bfloat16", lambda: True)  # what oneDNN says, forced either way
+    monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: True)  # what oneDNN says, forced either way
     monkeypatch.setattr(benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
     assert benchmark.cpu_native_bfloat16() is None
     monkeypatch.setattr(
         benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "amx_bf16 avx512_bf16"})()
     )
     assert benchmark.cpu_native_bfloat16() == "AMX and AVX-512 BF16"
-    monkeypatch.setattr(dispatch, "cpu_has_native_bfloat16", lambda: False)  # oneDNN capped, or refusing
+    monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: False)  # oneDNN capped, or refusing
     assert benchmark.cpu_native_bfloat16() is None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cvt_fast import ops
-from cvt_fast.dispatch import FP32_ATTENTION_VAR
+from cvt_fast.ops.dispatch import FP32_ATTENTION_VAR
 
 pytest.importorskip("triton")
 from cvt_fast.kernels import attention, conv_projection, launch  # noqa: E402

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Refused
+from ..errors import Refused, UserError, one_line
 from .images import Listing, list_images, listing_digest, shard
 from .model_loop import ShardTimes, classify_shard
 from .progress import Progress
@@ -154,16 +154,12 @@ def _load(options: Options, device: torch.device):
 def _as_refusals():
     """cvt_fast's refusals (of a checkpoint, a config, a backend) as Refused, which the ranks agree on: a
     rank's own failure is not lost, and the others do not wait for it."""
-    from ..config import ConfigError
-    from ..dispatch import KernelUnavailableError
-    from ..loading import CheckpointError, one_line
-
     try:
         yield
-    except CheckpointError as error:
-        raise Refused(error.problem) from None  # without the remedy, a from_pretrained argument
-    except (ConfigError, KernelUnavailableError) as error:
-        raise Refused(one_line(error, limit=1000)) from None
+    except Refused:
+        raise
+    except UserError as error:  # a CheckpointError's lines leave out the remedy, a from_pretrained argument
+        raise Refused(*(one_line(line, limit=1000) for line in error.lines)) from None
 
 
 def _check_preprocessed_size(options: Options) -> None:

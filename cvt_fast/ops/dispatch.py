@@ -18,23 +18,20 @@ also computes float32 attention on tensor cores). The GPU sweep (bench/kernels.p
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
 
 import torch
 
-from .errors import InputError, KernelUnavailableError
+from ..errors import InputError, KernelUnavailableError
+from ..kernels.launch import TRITON_INTERPRET
 
 BACKENDS = ("auto", "eager", "triton")
 ENV_VAR = "CVT_FAST_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP32_ATTENTION_VAR = "CVT_FAST_FP32_ATTENTION"
 FP32_ATTENTION_MODES = ("tf32x3", "sdpa")
-
-# Read once: Triton itself reads it once, when it is first imported.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 logger = logging.getLogger("cvt_fast")
 _logged_reasons: set[str] = set()
@@ -60,51 +57,6 @@ def fp32_attention_mode() -> str:
     return mode
 
 
-ONEDNN_LINEAR_VAR = "CVT_FAST_ONEDNN_LINEAR"  # "0" keeps linear layers on F.linear on the CPU too
-ONEDNN_LINEAR = "onednn"  # the path name kernel_paths() shows for linear layers on oneDNN
-
-
-@functools.cache
-def cpu_has_native_bfloat16() -> bool:
-    """Whether oneDNN computes bfloat16 natively on this CPU (AVX-512 BF16, AMX, or AVX-NE-CONVERT): its bfloat16
-    product refuses to run anywhere else. Asks oneDNN itself, so ONEDNN_MAX_CPU_ISA=AVX2 makes it answer False."""
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without the query: assume the worst
-        return False
-
-
-def linear_path(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """How a linear layer runs: "onednn" (oneDNN's matrix product, for CPU inference in float32, and in bfloat16
-    where the CPU has it natively), "F.linear" off the CPU, or "F.linear: <why not oneDNN>" on the CPU.
-
-    Never while autograd records (training) or torch.compile / torch.export traces (they bring their own GEMMs),
-    nor under CPU autocast (which casts F.linear's operands and knows nothing of oneDNN's op)."""
-    if x.device.type != "cpu":
-        return "F.linear"
-    reason = None
-    if os.environ.get(ONEDNN_LINEAR_VAR, "1") == "0":
-        reason = f"{ONEDNN_LINEAR_VAR}=0"
-    elif torch.compiler.is_compiling():
-        return "F.linear: traced by a compiler"
-    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        reason = "autograd is recording"
-    elif torch.is_autocast_enabled("cpu"):
-        reason = "CPU autocast casts F.linear's operands"
-    elif x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
-        reason = f"dtype {x.dtype}: oneDNN's linear serves float32 and bfloat16"
-    elif weight.numel() == 0:
-        reason = "an empty weight (oneDNN has no zero-width product)"
-    elif not torch.backends.mkldnn.is_available():
-        reason = "this PyTorch has no oneDNN"
-    elif x.dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
-        reason = "bfloat16 on a CPU without native bfloat16 (oneDNN needs AVX-512 BF16, AMX or AVX-NE-CONVERT)"
-    if reason is None:
-        return ONEDNN_LINEAR
-    log_once(f"linear layers run on F.linear: {reason}")
-    return f"F.linear: {reason}"
-
-
 def prepare_backend(backend: str) -> None:
     """Import the kernels now, where they may run, rather than on a first forward inside a torch.compile trace."""
     if backend != "eager" and (torch.cuda.is_available() or TRITON_INTERPRET):
@@ -112,10 +64,10 @@ def prepare_backend(backend: str) -> None:
 
 
 def kernels_import_error() -> str | None:
-    """None when cvt_fast.kernels (and so Triton) imports, else why it does not."""
+    """None when the kernels (and so Triton) import, else why they do not."""
     if not _kernel_import_error:
         try:
-            from . import kernels  # noqa: F401
+            from ..kernels import attention, conv_projection  # noqa: F401  (the launchers import Triton)
 
             _kernel_import_error.append(None)
         except ImportError as error:  # triton missing, or an install without the kernels package
