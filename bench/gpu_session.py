@@ -162,7 +162,8 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
     to models.jsonl as soon as its case finishes."""
     from dataclasses import asdict
 
-    from cvt_fast.benchmark import GPU_DEFAULT, bench_case
+    from cvt_fast.benchmark import bench_case
+    from cvt_fast.contenders import THROUGHPUT_GPU_DEFAULT as GPU_DEFAULT
 
     deadline = time.monotonic() + budget_s
     with tempfile.TemporaryDirectory() as folder:

@@ -9,7 +9,7 @@
 #   env       device, driver, versions, SM count, L2; measured copy bandwidth and bf16 matmul rate  -> env.json
 #   tests     every gpu-marked test                                                               -> tests.log
 #   parity    the whole model, backend "triton", against transformers on the device              -> parity.json
-#   kernels   bench/kernels.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl
+#   kernels   bench/kernel_bench.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl
 #   models    cvt-13 224 px bf16, batch 256 and 1, every contender of `cvt-fast bench`        -> models.jsonl
 #   resolution memory and time against image size, 224 to 2048 px                           -> resolution.jsonl
 #   summary   a short table of everything against the targets, last on stdout                 -> summary.md
@@ -78,7 +78,7 @@ TEST_FILES=$(echo $FIRST $REST)
 stage tests 26 bash -c "python3 -m pytest -v -rfE --durations=15 -m gpu $TEST_FILES -p no:cacheprovider >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/tests.log'; exit \$rc"
 stage parity 6 python3 bench/gpu_session.py parity --out "$OUT" "${MODE[@]}"
 KERNELS_LIMIT=$((BUDGET * 28 / 100))
-stage kernels 28 python3 bench/kernels.py --sweep --out "$OUT" --no-markdown --budget-s $((KERNELS_LIMIT - 30)) \
+stage kernels 28 python3 bench/kernel_bench.py --sweep --out "$OUT" --no-markdown --budget-s $((KERNELS_LIMIT - 30)) \
   "${MODE[@]}"
 MODELS_LIMIT=$((BUDGET * 24 / 100))
 stage models 24 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"

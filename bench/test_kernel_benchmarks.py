@@ -3,7 +3,7 @@
     python -m pytest bench/test_kernel_benchmarks.py --benchmark-enable --benchmark-json=bench/results/k.json
 
 Each fused op on the CvT-13 stage shapes at batch 32, bfloat16, next to the eager PyTorch it replaces. For the
-full comparison (all models and batches, torch.compile and SDPA backends, errors, bandwidth) see bench/kernels.py.
+full comparison (all models and batches, torch.compile and SDPA backends, errors, bandwidth) see bench/kernel_bench.py.
 """
 
 import pytest

@@ -73,6 +73,7 @@ _SUBMODULES = (
     "checks",
     "cli",
     "config",
+    "contenders",
     "dataset_inference",
     "errors",
     "export",
@@ -85,6 +86,7 @@ _SUBMODULES = (
     "ops",
     "outputs",
     "patching",
+    "reporting",
     "resolution",
     "testing",
 )

@@ -1,25 +1,9 @@
-"""Throughput benchmark: cvt_fast against transformers, with every speed printed beside its error.
-
-Each case (model, image size, batch, dtype) builds one random-weight model (BatchNorm statistics randomised too),
-gives the same weights to every contender, and times them on the same inputs:
-
-  transformers-eager          transformers' CvtForImageClassification (float32, or autocast float16/bfloat16 over
-                              float32 weights, the way transformers users run it in lower precision)
-  transformers-eager-cast     the same with its weights cast to the dtype, no autocast: like for like with
-                              cvt_fast, whose weights are in the dtype (skipped in float32, where it is the above)
-  transformers-compile        the same under torch.compile
-  cvt_fast-eager              cvt_fast with backend="eager"
-  cvt_fast-eager-compile      the same under torch.compile(fullgraph=True) (the CPU's compiled path)
-  cvt_fast-triton             cvt_fast with backend="triton" (CUDA only)
-  cvt_fast-triton-compile     the same under torch.compile(fullgraph=True)
-  cvt_fast-triton-cudagraph   cvt_fast-triton captured in a CUDA graph (one launch per forward)
-  onnxruntime                 ONNX Runtime (CPU) on cvt_fast's float32 ONNX export (float32 cases only)
-
-The reference is the float32 eager model (transformers' when installed, else cvt_fast's); max_err is the largest
-absolute logit difference from it, and ref64_err the reference's own distance from float64 (on two images), for
-scale. peak_mem_bytes (CUDA) is what a forward allocates on top of what it found, plus the contender's weights.
-On CUDA, times are medians of triton.testing.do_bench; on the CPU the contenders run interleaved, round after round,
-and the median is taken. Results: JSON records, a markdown table and (with matplotlib) a plot.
+"""Throughput benchmark (`cvt-fast bench`): cvt_fast against transformers and the engines, every speed printed
+beside its error. Each case (model, image size, batch, dtype) builds one random-weight model (BatchNorm statistics
+randomised too) and gives the same weights and inputs to every contender (cvt_fast.contenders names them). The
+reference is the float32 eager model (transformers' when it can run the config, else cvt_fast's); ref64_err is the
+reference's own distance from float64. On CUDA, times are medians of triton.testing.do_bench; on the CPU the
+contenders run interleaved, round after round, and the median is taken.
 """
 
 from __future__ import annotations
@@ -28,9 +12,7 @@ import contextlib
 import copy
 import itertools
 import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,33 +21,24 @@ from pathlib import Path
 import torch
 
 from .config import CvtConfig, preset_named
+from .contenders import THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
 from .errors import Refused
 from .modeling import CvtForImageClassification
+from .reporting import (
+    DTYPES,
+    check_models,
+    cpu_native_bfloat16,
+    device_name,
+    has_onnx_runtime,
+    progress_printer,
+    pyplot,
+    save_figure,
+    versions,
+)
+from .reporting import markdown_table as reporting_table
 from .testing import randomize_
 
-IMPLEMENTATIONS = (
-    "transformers-eager",
-    "transformers-eager-cast",
-    "transformers-compile",
-    "cvt_fast-eager",
-    "cvt_fast-eager-compile",
-    "cvt_fast-triton",
-    "cvt_fast-triton-compile",
-    "cvt_fast-triton-cudagraph",
-    "onnxruntime",
-)
-# What runs when --implementations is not given.
-GPU_DEFAULT = (
-    "transformers-eager",
-    "transformers-eager-cast",
-    "transformers-compile",
-    "cvt_fast-eager",
-    "cvt_fast-triton",
-    "cvt_fast-triton-compile",
-    "cvt_fast-triton-cudagraph",
-)
-CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "cvt_fast-eager-compile", "onnxruntime")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IMPLEMENTATIONS = THROUGHPUT
 
 
 @dataclass
@@ -87,35 +60,6 @@ class Record:
     error: str | None = None
     note: str | None = None
     compile_s: float | None = None  # torch.compile or CUDA graph capture, first call included; apart from the timing
-
-
-def _versions() -> dict[str, str | None]:
-    def version(name: str) -> str | None:
-        try:
-            return __import__(name).__version__
-        except Exception:
-            return None
-
-    return {"torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers")}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_description()
-
-
-def cpu_description() -> str:
-    """The CPU as every CPU figure names it: its model, PyTorch's kernel capability (AVX2, AVX512, ...), native
-    bfloat16 or not, and the threads PyTorch uses."""
-    bf16 = cpu_native_bfloat16()
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    capability = torch.backends.cpu.get_cpu_capability()
-    native = f"native bfloat16: {bf16}" if bf16 else "no native bfloat16"
-    return f"cpu ({name}, {capability}, {native}, {torch.get_num_threads()} threads)"
 
 
 def _transformers_model(cvt_model: CvtForImageClassification):
@@ -193,19 +137,6 @@ def _onnxruntime(base) -> Callable:
     return lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.float().numpy()})[0])
 
 
-def cpu_native_bfloat16() -> str | None:
-    """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
-    where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
-    from .ops.cpu import cpu_has_native_bfloat16
-
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
-    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
-    return (" and ".join(found) or None) if cpu_has_native_bfloat16() else None
-
-
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
 
 
@@ -257,7 +188,7 @@ def bench_case(
     """One case, every implementation; on_record(record) as soon as a record is final (on CUDA, after each
     contender's timing; on the CPU, where the contenders run interleaved, at the end)."""
     dtype = DTYPES[dtype_name]
-    versions = _versions()
+    found = versions()
     generator = torch.Generator().manual_seed(0)
     config = CvtConfig.from_pretrained(model_name)  # a preset name or a config file
     base = randomize_(CvtForImageClassification(config, backend="eager").eval(), generator)
@@ -275,10 +206,10 @@ def bench_case(
 
     def record(name, **fields):
         records[name] = Record(
-            device=_device_name(device),
-            torch_version=versions["torch"],
-            triton_version=versions["triton"],
-            transformers_version=versions["transformers"],
+            device=device_name(device),
+            torch_version=found["torch"],
+            triton_version=found["triton"],
+            transformers_version=found["transformers"],
             model=model_name,
             image_size=image_size,
             batch=batch,
@@ -355,24 +286,21 @@ def bench_case(
 
 
 def markdown_table(records: list[Record], baseline: str = "transformers-eager") -> str:
-    lines = [
-        "| model | size | batch | dtype | implementation | images/s | vs " + baseline + " | peak MiB | max err "
-        "| compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["model", "size", "batch", "dtype", "implementation", "images/s", f"vs {baseline}", "peak MiB", "max err",
+              "compile s"]  # fmt: skip
     by_case: dict[tuple, dict[str, Record]] = {}
     for r in records:
         by_case.setdefault((r.model, r.image_size, r.batch, r.dtype), {})[r.implementation] = r
+    rows = []
     for r in records:
         base = by_case[(r.model, r.image_size, r.batch, r.dtype)].get(baseline)
         speed = f"{r.images_per_s:.1f}" if r.images_per_s else (f"error: {r.error}" if r.error else "-")
         ratio = f"{r.images_per_s / base.images_per_s:.2f}x" if r.images_per_s and base and base.images_per_s else "-"
         mem = f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes else "-"
-        err = _error_text(r) or "-"
         compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
-        cells = (r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem, err, compile_s)
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append((r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem,
+                     _error_text(r) or "-", compile_s))  # fmt: skip
+    return reporting_table(header, rows)
 
 
 def _error_text(r: Record, prefix: str = "") -> str:
@@ -382,12 +310,8 @@ def _error_text(r: Record, prefix: str = "") -> str:
 
 
 def plot(records: list[Record], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     cases = sorted({(r.model, r.image_size, r.dtype) for r in records})
     fig, axes = plt.subplots(len(cases), 1, figsize=(10, 3.2 * len(cases)), squeeze=False)
@@ -405,29 +329,8 @@ def plot(records: list[Record], path: Path) -> bool:
         ax.set_ylabel("images/s")
         ax.set_title(f"{model} {size}px {dtype}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
-
-
-def _progress_printer(total: int, stream=None) -> Callable[[str], None]:
-    """One self-overwriting status line on a terminal; elsewhere (a log file, a pipe, CI) one plain line per step
-    with the time so far, so that a long run shows in its log where it is."""
-    stream = stream if stream is not None else sys.stderr
-    state = {"case": 0}
-    live = stream.isatty()
-    start = time.monotonic()
-
-    def progress(message: str) -> None:
-        if live:
-            print(f"\r\033[K[{state['case']}/{total}] {message}", end="", file=stream, flush=True)
-        else:
-            print(f"[{state['case']}/{total}, {time.monotonic() - start:.0f}s] {message}", file=stream, flush=True)
-
-    progress.state = state  # type: ignore[attr-defined]
-    progress.clear = lambda: live and print("\r\033[K", end="", file=stream)  # type: ignore[attr-defined]
-    return progress
 
 
 def write_results(records: list[Record], out_dir: Path) -> list[Path]:
@@ -467,7 +370,7 @@ def run(
         for batch in batches
         for dtype in dtypes
     ]
-    progress = _progress_printer(len(cases))
+    progress = progress_printer(len(cases))
     records: list[Record] = []
     on_record = None
     if out_dir is not None:  # every record appended the moment it is final: a run stopped midway keeps them
@@ -500,3 +403,108 @@ def run(
         if out_dir / "bench.png" not in written:
             print(f"no {out_dir / 'bench.png'}: the plot needs matplotlib (pip install matplotlib)")
     return records
+
+
+# ---- what a run measures ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one run of the benchmark measures, and the notes on what was left out and why."""
+
+    device: torch.device
+    models: list[str]
+    sizes: list[int] | None  # None: each model's own size (a preset's, else 224)
+    batches: list[int]
+    dtypes: list[str]
+    implementations: list[str]
+    notes: list[str]
+
+
+def plan(
+    device: torch.device,
+    *,
+    models: list[str] | None = None,
+    sizes: list[int] | None = None,
+    batches: list[int] | None = None,
+    dtypes: list[str] | None = None,
+    implementations: list[str] | None = None,
+) -> Plan:
+    """What was asked, else this device's defaults. On a GPU every CvT at 224 and 384 px, batches 1 to 256, in
+    bfloat16 (the full matrix in every dtype would not fit one sitting); on a CPU cvt-13 at 224 px, batch 1 and 8, in
+    float32, and in bfloat16 too where the CPU computes it natively (elsewhere it is emulated, and slow)."""
+    on_gpu = device.type == "cuda"
+    notes: list[str] = []
+    chosen = _implementations(implementations, device, notes)
+    models = models or (["cvt-13", "cvt-21", "cvt-w24"] if on_gpu else ["cvt-13"])
+    sizes = sizes or ([224, 384] if on_gpu else [224])
+    check_models(models, sizes)
+    batches = batches or ([1, 8, 64, 256] if on_gpu else [1, 8])
+    if not dtypes:
+        native = None if on_gpu else cpu_native_bfloat16()
+        dtypes = ["bfloat16"] if on_gpu else ["float32", "bfloat16"] if native else ["float32"]
+        if not on_gpu:
+            notes.append(
+                f"this CPU {'computes bfloat16 natively (' + native + ')' if native else 'has no native bfloat16'}"
+            )
+    return Plan(device, list(models), list(sizes), list(batches), list(dtypes), chosen, notes)
+
+
+def _implementations(requested: list[str] | None, device: torch.device, notes: list[str]) -> list[str]:
+    import importlib.util
+
+    from .kernels.launch import TRITON_INTERPRET
+
+    if requested:
+        unknown = [name for name in requested if name not in IMPLEMENTATIONS]
+        if unknown:
+            raise Refused(
+                f"argument --implementations: unknown {', '.join(map(repr, unknown))}; "
+                f"the implementations are {', '.join(IMPLEMENTATIONS)}"
+            )
+        chosen = list(dict.fromkeys(requested))
+    elif device.type == "cuda":
+        chosen = list(THROUGHPUT_GPU_DEFAULT)
+    else:  # the CPU's contenders: eager, compiled, and ONNX Runtime on the export (the Triton kernels need CUDA)
+        chosen = list(THROUGHPUT_CPU_DEFAULT)
+        if not has_onnx_runtime():
+            chosen.remove("onnxruntime")
+            notes.append(
+                "note: onnxruntime or onnxscript is not installed; skipping onnxruntime "
+                "(pip install onnx onnxscript 'onnxruntime>=1.22')"
+            )
+    kernel_users = [name for name in chosen if "triton" in name]
+    if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
+        raise Refused(
+            f"argument --implementations: {', '.join(kernel_users)} run(s) the Triton kernels, which need a CUDA "
+            f"device (--device is {device})"
+        )
+    if importlib.util.find_spec("transformers") is None:
+        dropped = [name for name in chosen if name.startswith("transformers")]
+        chosen = [name for name in chosen if not name.startswith("transformers")]
+        if not chosen:
+            raise Refused(f"{', '.join(dropped)}: needs transformers (pip install transformers)")
+        if dropped:
+            notes.append(
+                f"note: transformers is not installed; skipping {', '.join(dropped)} (pip install transformers)"
+            )
+    return chosen
+
+
+def print_ratios(records: list[Record], baseline: str = "transformers-eager") -> None:
+    """One sentence per contender: its speed against the baseline of its case, and its error beside it."""
+    print()
+    for r in records:
+        if r.implementation == baseline or not r.images_per_s:
+            continue
+        case = (r.model, r.image_size, r.batch, r.dtype)
+        base = next(
+            (b for b in records if b.implementation == baseline and (b.model, b.image_size, b.batch, b.dtype) == case),
+            None,
+        )
+        if base and base.images_per_s:
+            print(
+                f"{r.model} {r.image_size}px batch {r.batch} {r.dtype}: {r.implementation} is "
+                f"{r.images_per_s / base.images_per_s:.2f}x {baseline}; its logits are within {r.max_err:.1e} of "
+                f"the float32 reference (which is itself within {r.ref64_err:.1e} of float64)"
+            )

@@ -183,9 +183,8 @@ def _listing(keys: list, limit: int = 12) -> str:
 # ---- from_pretrained / save_pretrained ----------------------------------------------------------------------
 
 
-# Built outside inference mode even when called inside it: tensors made under torch.inference_mode keep no version
-# counter, and without one the eager path cannot cache its folded BatchNorm and packed linear weights (CvT-13 on the
-# CPU: about 1.5x slower per forward), nor could the model ever be trained.
+# Built outside inference mode even when called inside it (serving code often loads there): a model made of inference
+# tensors could never be trained or fine-tuned afterwards.
 @torch.inference_mode(False)
 def from_pretrained(
     model_class,

@@ -355,11 +355,37 @@ class CvtEncoder(nn.Module):
 # ---- models -------------------------------------------------------------------------------------------------
 
 
-def kernel_paths(model: nn.Module) -> dict[str, dict[str, str]]:
+class KernelPaths(dict):
+    """{layer: {op: path}}, as kernel_paths returns it. Printed, the layers that took the same paths share one line
+    and each reason is written once, as a numbered note."""
+
+    def __str__(self) -> str:
+        groups: dict[tuple, list[str]] = {}
+        for layer, layer_paths in self.items():
+            groups.setdefault(tuple(layer_paths.items()), []).append(layer)
+        reasons: list[str] = []
+        lines = []
+        for layer_paths, layers in groups.items():
+            cells = []
+            for op, path in layer_paths:
+                taken, _, reason = path.partition(": ")
+                if reason:
+                    if reason not in reasons:
+                        reasons.append(reason)
+                    taken += f" [{reasons.index(reason) + 1}]"
+                cells.append(f"{op} {taken}")
+            where = layers[0] if len(layers) == 1 else f"{len(layers)} layers ({layers[0]} ... {layers[-1]})"
+            lines.append(f"{where}: {', '.join(cells)}")
+        return "\n".join(lines + [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)])
+
+    __repr__ = __str__
+
+
+def kernel_paths(model: nn.Module) -> KernelPaths:
     """{layer: {op: path}} for every cvt_fast attention layer in `model` (a cvt_fast model or a patched
     transformers one), from its last forward: "qkv_projection" and "attention" are "triton" or "eager: <reason>";
     "linear" (its q/k/v and output projections) is "onednn", "F.linear" or "F.linear: <reason>"."""
-    paths = {}
+    paths = KernelPaths()
     for name, module in model.named_modules():
         if isinstance(module, CvtSelfAttention) and module.paths:
             layer = dict(module.paths)
@@ -427,7 +453,7 @@ class CvtPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(isinstance(m, CvtStage) and m.gradient_checkpointing is not None for m in self.modules())
 
-    def kernel_paths(self) -> dict[str, dict[str, str]]:
+    def kernel_paths(self) -> KernelPaths:
         """Which path each attention layer's fused ops took in the last forward (see kernel_paths)."""
         return kernel_paths(self)
 

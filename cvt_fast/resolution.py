@@ -1,20 +1,9 @@
-"""Memory and time against image size: `cvt-fast bench --resolutions 224 512 1024 2048`.
-
-CvT has no position embedding, so it runs at any size, and there transformers' attention, which materialises every
-score matrix (at 1024 px, CvT-13's first stage attends 65,536 queries to 16,384 keys per image: 4.3 GB of float32
-scores), runs out of memory long before cvt_fast's flash-style attention does. This measures it: for each
-implementation and dtype, one forward pass (batch 1, random weights, a seeded image) per size, from the smallest up:
-
-  CPU   each point in a fresh process (`python -m cvt_fast.resolution --worker`), its peak resident memory during
-        the forward (VmHWM, reset just before it) over what it held before; a watchdog kills a point whose memory
-        passes the cap (--memory-cap-gib, default 60% of the memory available at the start).
-  GPU   in this process, torch.cuda.max_memory_allocated over what was allocated before; out of memory is caught.
-
-ONNX Runtime (CPU, float32) runs cvt_fast's ONNX export, made once per model before its points.
-A point that runs out of memory or passes the cap is recorded as such, and larger sizes of that contender are not
-tried. Beside each point: the max logit error against the float32 reference at that size (transformers when it
-ran, else cvt_fast eager in float32). Results: JSONL appended point by point, JSON, markdown and a plot (memory
-and time against pixels, log scales).
+"""Memory and time against image size (`cvt-fast bench --resolutions 224 512 1024 2048`): one forward pass per
+size (batch 1, random weights), smallest first, for each implementation and dtype, with the max logit error against
+the float32 reference beside each point. On the CPU each point runs in a fresh process (`python -m
+cvt_fast.resolution --worker`) whose peak resident memory during the forward is measured, and a watchdog stops a
+point that passes the memory cap; on a GPU, torch.cuda.max_memory_allocated. A point out of memory (or over the cap)
+is recorded as such and larger sizes of that contender are not tried.
 """
 
 from __future__ import annotations
@@ -33,8 +22,11 @@ from pathlib import Path
 
 import torch
 
-IMPLEMENTATIONS = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .contenders import RESOLUTION, RESOLUTION_CPU_DEFAULT, RESOLUTION_GPU_DEFAULT
+from .errors import Refused
+from .reporting import DTYPES, check_models, device_name, has_onnx_runtime, markdown_table, pyplot, save_figure
+
+IMPLEMENTATIONS = RESOLUTION
 # How a CPU allocation failure reads in a worker's stderr (PyTorch's allocator, C++, Python).
 OUT_OF_MEMORY_MESSAGES = (
     "out of memory",
@@ -231,7 +223,7 @@ def default_cap_bytes() -> int:
 
 def _contender_points(model, implementation, dtype, resolutions, device, cap_bytes, scratch, timeout_s, progress):
     """(point, logits) for each size in turn; after one runs out of memory or over the cap, the rest are skipped."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_label = device_name(device)
     onnx_path = None
     if implementation == "onnxruntime":
         if device.type != "cpu" or dtype != "float32":  # the export is float32, ONNX Runtime's provider the CPU
@@ -247,7 +239,7 @@ def _contender_points(model, implementation, dtype, resolutions, device, cap_byt
         gpu_model = build(model, implementation, DTYPES[dtype], device)
     stopped = None
     for size in resolutions:
-        point = Point(device_name, model, implementation, dtype, size, size * size, "ok")
+        point = Point(device_label, model, implementation, dtype, size, size * size, "ok")
         if stopped:
             point.status = f"skipped: {stopped}"
             yield point, None
@@ -326,25 +318,21 @@ def describe(p: Point) -> str:
 
 
 def markdown(points: list[Point]) -> str:
-    lines = ["| model | implementation | dtype | size | time | peak memory | max err | reference |", "|---" * 8 + "|"]
+    rows = []
     for p in points:
         if p.status == "ok":
             mem = f"+{p.peak_mem_bytes / 2**30:.2f} GiB" if p.peak_mem_bytes is not None else "-"
             err = f"{p.max_err:.1e}" if p.max_err is not None else "-"
-            cells = [p.model, p.implementation, p.dtype, p.resolution, f"{p.seconds:.2f} s", mem, err, p.reference]
+            rows.append([p.model, p.implementation, p.dtype, p.resolution, f"{p.seconds:.2f} s", mem, err, p.reference])
         else:
-            cells = [p.model, p.implementation, p.dtype, p.resolution, p.status, "-", "-", "-"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+            rows.append([p.model, p.implementation, p.dtype, p.resolution, p.status, "-", "-", "-"])
+    header = ["model", "implementation", "dtype", "size", "time", "peak memory", "max err", "reference"]
+    return markdown_table(header, rows)
 
 
 def plot(points: list[Point], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (memory, seconds) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({(p.model, p.implementation, p.dtype) for p in points}):
@@ -360,10 +348,52 @@ def plot(points: list[Point], path: Path) -> bool:
         ax.set_xlabel("pixels (H x W)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
+
+
+@dataclass
+class Plan:
+    """What one run measures."""
+
+    device: torch.device
+    models: list[str]
+    resolutions: list[int]
+    dtypes: list[str]
+    implementations: list[str]
+
+
+def plan(
+    device: torch.device,
+    *,
+    resolutions: list[int],
+    models: list[str] | None = None,
+    dtypes: list[str] | None = None,
+    implementations: list[str] | None = None,
+) -> Plan:
+    """What was asked, else this device's defaults: cvt-13; on a GPU transformers, cvt_fast eager and its kernels in
+    float32 and bfloat16, on a CPU transformers, cvt_fast eager and ONNX Runtime (when installed) in float32."""
+    on_gpu = device.type == "cuda"
+    if implementations:
+        names = list(dict.fromkeys(implementations))
+    elif on_gpu:
+        names = list(RESOLUTION_GPU_DEFAULT)
+    else:
+        names = [n for n in RESOLUTION_CPU_DEFAULT if n != "onnxruntime" or has_onnx_runtime()]
+    unknown = [n for n in names if n not in IMPLEMENTATIONS]
+    if unknown:
+        raise Refused(
+            f"argument --implementations: unknown {', '.join(map(repr, unknown))}; with --resolutions the "
+            f"implementations are {', '.join(IMPLEMENTATIONS)}"
+        )
+    if "onnxruntime" in names and on_gpu:
+        raise Refused("argument --implementations: onnxruntime runs on the CPU (--device cpu)")
+    if "cvt_fast-triton" in names and not on_gpu:
+        raise Refused(f"argument --implementations: cvt_fast-triton needs a CUDA device (--device is {device})")
+    models = models or ["cvt-13"]
+    check_models(models, resolutions, option="--resolutions")
+    dtypes = dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
+    return Plan(device, list(models), list(resolutions), list(dtypes), names)
 
 
 def main(argv: list[str] | None = None) -> int:

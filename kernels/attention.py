@@ -158,7 +158,7 @@ _tuned_keys: set[tuple] = set()  # what the autotuner has already measured (it c
 
 
 def candidate_configs(dtype: torch.dtype = torch.bfloat16) -> list[AttentionConfig]:
-    """What a tuning sweep tries (bench/kernels.py --sweep)."""
+    """What a tuning sweep tries (bench/kernel_bench.py --sweep)."""
     return list(_FP32_CANDIDATES if dtype == torch.float32 else _CANDIDATES)
 
 
@@ -167,7 +167,7 @@ def default_config(
     interpreter: bool = TRITON_INTERPRET,
 ) -> AttentionConfig:  # fmt: skip
     """The table used when no config is given (programs = batch * heads). No row spills registers on sm_90
-    (tests/test_kernels_compile.py); their speed is not yet measured on Hopper."""
+    (tests/test_kernels_compile.py)."""
     if interpreter:  # it pays per operation, not per element: few, large tiles (tl.dot needs >= 16)
         return AttentionConfig(
             min(64, max(16, triton.next_power_of_2(n_q))), min(64, max(16, triton.next_power_of_2(n_k))), 1, 1

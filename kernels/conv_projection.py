@@ -14,7 +14,7 @@ iteration, the matching block of the (smaller) k/v grid: both read the same neig
 v need are still in L1 when they are loaded. k and v share every loaded tap. Accumulation is float32 whatever the
 input dtype; the folded weights come in the input's dtype (as the eager path's fold does), the shifts in float32.
 
-Block sizes: `default_config` (a table; its speed on Hopper is not yet measured), `candidate_configs` for tuning
+Block sizes: `default_config` (a table), `candidate_configs` for tuning
 sweeps, or an explicit `config=`.
 Not covered (the eager path serves them): BatchNorm on batch statistics (training), autograd, keys and values
 with different strides or paddings, the "avg" and "linear" projection methods.
@@ -198,7 +198,7 @@ def default_config(n_q: int, channels: int, interpreter: bool = TRITON_INTERPRET
 
 
 def candidate_configs() -> list[ConvConfig]:
-    """What a tuning sweep tries (bench/kernels.py --sweep): tile shapes and warps that move vectors and do not
+    """What a tuning sweep tries (bench/kernel_bench.py --sweep): tile shapes and warps that move vectors and do not
     spill on CvT's 3x3 kernels (tests/test_kernels_compile.py), each with 1 to 8 position blocks per program."""
     tiles = ((32, 32, 2), (32, 64, 4), (64, 32, 4), (64, 64, 8), (32, 128, 8))
     configs = [ConvConfig(q, c, w, per_program) for q, c, w in tiles for per_program in (1, 2, 4, 8)]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cvt_fast
-from cvt_fast import benchmark, cli
+from cvt_fast import benchmark, cli, reporting
 from cvt_fast.testing import randomize_
 
 transformers = pytest.importorskip("transformers")
@@ -407,7 +407,7 @@ print("torch imported:", "torch" in sys.modules)
 
 def test_progress_is_a_plain_line_per_step_off_a_terminal():
     stream = io.StringIO()  # not a terminal, like a log file or a pipe
-    progress = benchmark._progress_printer(total=3, stream=stream)
+    progress = reporting.progress_printer(total=3, stream=stream)
     progress.state["case"] = 2
     progress("cvt-13 224px batch 8 float32: references")
     progress("cvt-13 224px batch 8 float32: round 1/5")

@@ -641,12 +641,12 @@ def test_a_run_whose_rank_was_killed_resumes_to_the_same_output(capsys, workspac
 
 
 def readme_command() -> str:
-    """The multi-process command of the README's "Many images, many GPUs" section (the first torchrun line)."""
-    section = (ROOT / "README.md").read_text().split("## Many images, many GPUs", 1)[1]
+    """The multi-process command of docs/classification.md (its first torchrun line)."""
+    section = (ROOT / "docs" / "classification.md").read_text().split("## A folder of images into a results file", 1)[1]
     return next(line for line in section.splitlines() if line.startswith("torchrun "))
 
 
-def test_the_readme_command_runs_as_written(workspace, tmp_path):
+def test_the_documented_torchrun_command_runs_as_written(workspace, tmp_path):
     root, readable = workspace
     words = readme_command().split()
     # It names ./checkpoint and ./images: made here, in the working directory it runs in.
@@ -655,8 +655,62 @@ def test_the_readme_command_runs_as_written(workspace, tmp_path):
     assert words[:3] == ["torchrun", "--nproc_per_node", "2"] and words[words.index("--model") + 1] == "./checkpoint"
     result = torchrun(*words[1:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr  # nothing a user would take for a problem
     source, output = words[words.index("--input") + 1], words[words.index("--output") + 1]
     records = read_records(tmp_path / output)
     assert [r["path"] for r in records] == sorted(os.path.join(source, name) for name in [*readable, *UNREADABLE])
     assert result.stdout.splitlines()[0] == f"{output}: 13 images, 10 classified, 3 unreadable (one line each, " \
         "sorted by path)"  # fmt: skip
+
+
+def test_ctrl_c_says_how_far_the_run_got_and_the_same_command_goes_on(workspace, tmp_path):
+    """A Ctrl-C (SIGINT) midway: exit status 130 and one line saying how many images are done and that the same
+    command goes on; then that command finishes the run."""
+    root, readable = workspace
+    output = tmp_path / "results.jsonl"
+    argv = ["classify", "--model", str(root / "ckpt"), "--input", str(root / "images"), "--output", str(output),
+            "--batch-size", "1", "--workers", "0"]  # fmt: skip
+    slow = (  # each image takes a while to decode, so that the interrupt lands midway
+        "import sys, time\nfrom cvt_fast.dataset_inference import loader\nreal = loader.read_pixel_values\n"
+        "loader.read_pixel_values = lambda path, processor: (time.sleep(0.2), real(path, processor))[1]\n"
+        f"from cvt_fast.cli import main\nsys.exit(main({argv!r}))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = Path(f"{output}.parts") / "rank-0.jsonl"
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and len(part.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    done = len(read_records(part))
+    total = len(readable) + len(UNREADABLE)
+    assert 2 <= done < total
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"cvt-fast classify: interrupted: (\d+) of {total} images are classified \(kept in {re.escape(str(output))}"
+        rf"\.parts\); the same command classifies the other \d+ and writes {re.escape(str(output))}",
+        last,
+    ), last
+    assert int(re.search(r"interrupted: (\d+)", last).group(1)) == done
+    resumed = subprocess.run([sys.executable, "-m", "cvt_fast", *argv], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_records(output)) == total
+
+
+def test_more_loader_workers_than_cores_is_said_once_not_per_process(workspace, tmp_path):
+    """Two processes with --workers set above the machine's cores: rank 0 notes it once, with the numbers; PyTorch's
+    own warning (twice in every process) is not repeated."""
+    root, _ = workspace
+    workers = 2 * (os.cpu_count() or 1)
+    arguments = ["--model", root / "ckpt", "--input", root / "images", "--output", tmp_path / "out.jsonl"]
+    result = torchrun(
+        "--nproc_per_node", "2", "-m", "cvt_fast", "classify", *arguments, "--workers", workers, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UserWarning" not in result.stderr, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "decoding process(es)" in line]
+    assert notes == [
+        f"note: {workers} decoding process(es) in each of 2 model process(es) share {len(os.sched_getaffinity(0))} "
+        "cores with the models; the summary says how many are busy"
+    ], result.stderr

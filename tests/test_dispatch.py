@@ -85,3 +85,21 @@ def test_training_and_autograd_take_the_eager_path_even_under_triton():
     largest = max(p.grad.abs().max().item() for p in hf_params.values())
     for name, param in model.named_parameters():
         assert (param.grad - hf_params[name].grad).abs().max() <= 1e-10 * largest, name
+
+
+def test_kernel_paths_print_each_reason_once():
+    """Printed, kernel_paths() groups the layers that took the same paths and writes each reason once."""
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="eager").eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    paths = model.kernel_paths()
+    layers = sorted(paths)
+    assert str(paths).splitlines() == [
+        f"{len(layers)} layers ({layers[0]} ... {layers[-1]}): qkv_projection eager [1], attention eager [1], "
+        "linear onednn",
+        "[1] backend='eager'",
+    ]
+    assert paths[layers[0]]["attention"] == "eager: backend='eager'"  # still a dict of the full paths
+    mixed = type(paths)(a={"attention": "triton", "linear": "F.linear: x"}, b={"attention": "eager: y"})
+    assert str(mixed).splitlines() == ["a: attention triton, linear F.linear [1]", "b: attention eager [2]", "[1] x",
+                                       "[2] y"]  # fmt: skip

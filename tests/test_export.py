@@ -153,25 +153,29 @@ def test_cpu_benchmark_runs_the_compiled_path_and_onnx_runtime(tmp_path):
     assert bench_case(str(config), 48, 1, "bfloat16", ["onnxruntime"], torch.device("cpu"), 1, lambda _: None) == []
 
 
-def test_cpu_defaults_follow_the_machine(monkeypatch, capsys):
+def test_cpu_defaults_follow_the_machine(monkeypatch):
     import importlib.util
 
-    from cvt_fast import benchmark
+    from cvt_fast import benchmark, contenders, reporting
     from cvt_fast.ops import cpu
 
-    assert cli._implementations(None, torch.device("cpu")) == list(benchmark.CPU_DEFAULT)
+    cpu_plan = benchmark.plan(torch.device("cpu"))
+    assert cpu_plan.implementations == list(contenders.THROUGHPUT_CPU_DEFAULT)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name)
     )
-    assert "onnxruntime" not in cli._implementations(None, torch.device("cpu"))
-    assert "skipping onnxruntime (pip install onnx onnxscript 'onnxruntime>=1.22')" in capsys.readouterr().out
+    cpu_plan = benchmark.plan(torch.device("cpu"))
+    assert "onnxruntime" not in cpu_plan.implementations
+    assert any("skipping onnxruntime (pip install onnx onnxscript 'onnxruntime>=1.22')" in n for n in cpu_plan.notes)
     monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: True)  # what oneDNN says, forced either way
-    monkeypatch.setattr(benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
-    assert benchmark.cpu_native_bfloat16() is None
+    monkeypatch.setattr(reporting, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
+    assert reporting.cpu_native_bfloat16() is None
+    assert benchmark.plan(torch.device("cpu")).dtypes == ["float32"]
     monkeypatch.setattr(
-        benchmark, "Path", lambda _: type("P", (), {"read_text": lambda self: "amx_bf16 avx512_bf16"})()
+        reporting, "Path", lambda _: type("P", (), {"read_text": lambda self: "amx_bf16 avx512_bf16"})()
     )
-    assert benchmark.cpu_native_bfloat16() == "AMX and AVX-512 BF16"
+    assert reporting.cpu_native_bfloat16() == "AMX and AVX-512 BF16"
+    assert benchmark.plan(torch.device("cpu")).dtypes == ["float32", "bfloat16"]
     monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: False)  # oneDNN capped, or refusing
-    assert benchmark.cpu_native_bfloat16() is None
+    assert reporting.cpu_native_bfloat16() is None

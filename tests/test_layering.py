@@ -31,7 +31,16 @@ LAYERS = [
         ],
     ),
     ("interop", ["cvt_fast.patching", "cvt_fast.export"]),
-    ("tools", ["cvt_fast.reporting", "cvt_fast.benchmark", "cvt_fast.resolution", "cvt_fast.dataset_inference.*"]),
+    (
+        "tools",
+        [
+            "cvt_fast.contenders",
+            "cvt_fast.reporting",
+            "cvt_fast.benchmark",
+            "cvt_fast.resolution",
+            "cvt_fast.dataset_inference.*",
+        ],
+    ),
     ("cli", ["cvt_fast.cli.*", "cvt_fast.__main__"]),
 ]
 PUBLIC_FACE = "cvt_fast"  # the package's __init__: it names everything public, lazily, from the top

@@ -4,6 +4,7 @@ part file in one write, and the rank's timings out."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,15 +33,19 @@ def classify_shard(
     times = ShardTimes(workers=workers)
     if not paths:
         return times
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, processor),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=model.device.type == "cuda",
-        prefetch_factor=4 if workers else None,  # batches in flight per worker: rides out a slow file or two
-    )
-    batches = iter(loader)
+    with warnings.catch_warnings():
+        # PyTorch warns, twice in every process, when the workers outnumber the cores; rank 0 has said so once
+        # (run.py), with the numbers for the whole machine.
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(paths, processor),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=model.device.type == "cuda",
+            prefetch_factor=4 if workers else None,  # batches in flight per worker: rides out a slow file or two
+        )
+        batches = iter(loader)
     while True:
         waited = time.perf_counter()
         batch = next(batches, None)

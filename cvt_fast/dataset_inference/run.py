@@ -61,13 +61,16 @@ def resolve_device(name: str | None, ranks: Ranks) -> torch.device:
     return torch.device("cuda", ranks.local_rank)
 
 
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(device: torch.device, ranks: Ranks) -> int:
     """On a GPU, the machine's cores shared among its ranks, one kept for each rank's model loop (at most 16); on the
     CPU one, since there the model itself wants every core and decoding is a small share of its time."""
     if device.type != "cuda":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores // ranks.local_world_size - 1))
+    return max(1, min(16, machine_cores() // ranks.local_world_size - 1))
 
 
 def classify_dataset(options: Options, ranks: Ranks | None = None, out=None, err=None) -> int:
@@ -110,9 +113,22 @@ def _run(options: Options, ranks: Ranks, coordinator: Coordinator, out, err) -> 
     earlier, remaining, part = coordinator.agree(lambda: _finished_and_part(files, listing, ranks))
     mine = shard(remaining, ranks.rank, ranks.world_size)
     workers = options.workers if options.workers is not None else default_workers(device, ranks)
+    if first and workers * ranks.local_world_size > machine_cores():
+        print(
+            f"note: {workers} decoding process(es) in each of {ranks.local_world_size} model process(es) share "
+            f"{machine_cores()} cores with the models; the summary says how many are busy",
+            file=err,
+        )
     setup_s = time.perf_counter() - setup_start
     start = time.perf_counter()
-    times = coordinator.agree(lambda: _classify_part(model, mine, part, workers, options, ranks, err))
+    try:
+        times = coordinator.agree(lambda: _classify_part(model, mine, part, workers, options, ranks, err))
+    except KeyboardInterrupt:
+        done = sum(path in finished_results(files) for path in listing.paths)
+        raise KeyboardInterrupt(
+            f"{done} of {len(listing.paths)} images are classified (kept in {files.folder}); the same command "
+            f"classifies the other {len(listing.paths) - done} and writes {files.output}"
+        ) from None
     every_rank = coordinator.gather(times)  # rank 0 gets here once the slowest rank has finished
     wall_s = time.perf_counter() - start
     if not first:

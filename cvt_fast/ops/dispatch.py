@@ -13,7 +13,7 @@ The backend comes from the constructor / from_pretrained argument, else the CVT_
 
 float32 attention on the kernel path (CVT_FAST_FP32_ATTENTION): "tf32x3" (the default: the kernel, with three TF32
 tensor-core products per dot for float32-level accuracy) or "sdpa" (PyTorch's scaled_dot_product_attention, which
-also computes float32 attention on tensor cores). The GPU sweep (bench/kernels.py) measures both.
+also computes float32 attention on tensor cores). The GPU sweep (bench/kernel_bench.py) measures both.
 """
 
 from __future__ import annotations

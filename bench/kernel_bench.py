@@ -1,8 +1,8 @@
 """Kernel benchmarks: each fused op against the PyTorch it replaces, every speed beside its error and its ceiling.
 
-  python bench/kernels.py --out DIR                    # the kernels' own tables against the baselines (CUDA)
-  python bench/kernels.py --sweep --out DIR            # and every candidate block configuration (CUDA)
-  python bench/kernels.py --rehearse --out DIR         # CPU, Triton interpreter, tiny shapes: errors, no times
+  python bench/kernel_bench.py --out DIR                    # the kernels' own tables against the baselines (CUDA)
+  python bench/kernel_bench.py --sweep --out DIR            # and every candidate block configuration (CUDA)
+  python bench/kernel_bench.py --rehearse --out DIR         # CPU, Triton interpreter, tiny shapes: errors, no times
 
 qkv_projection (CvT-13 and CvT-W24 stage shapes): the fused kernel against the eager sequence transformers runs
 (three depthwise convs, three BatchNorms, three flatten/transposes, three cls concatenations) and against
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         args.dtypes = [d for d in args.dtypes if d != "bfloat16"] or ["float32"]  # no bfloat16 in the interpreter
         args.batches = [2]
     elif not torch.cuda.is_available():
-        print("bench/kernels.py times CUDA kernels and needs a CUDA device (or --rehearse).", file=sys.stderr)
+        print("bench/kernel_bench.py times CUDA kernels and needs a CUDA device (or --rehearse).", file=sys.stderr)
         return 2
     session = Session(args.out, args.rehearse, args.budget_s, quick=args.sweep)
     if session.copy_bandwidth:

@@ -1,0 +1,61 @@
+"""Command line: `cvt-fast classify` (top labels for local images, or a whole folder into a results file),
+`cvt-fast bench` (throughput, every speed beside its error) and `cvt-fast export` (ONNX, validated with ONNX Runtime).
+
+Also reachable as `python -m cvt_fast`, which is also torchrun's way in (`torchrun -m cvt_fast classify --input ...`).
+A failure the user can cause (an argument, an image, a checkpoint or a config file) ends in one line per problem,
+`cvt-fast <command>: ...`, naming what is wrong and what was expected, and exit status 2; a traceback means a bug in
+cvt_fast. torch is imported only once the arguments parse, so that `--help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError, one_line
+from . import bench, classify, export
+from .common import Parser, first_rank
+
+
+def parser() -> argparse.ArgumentParser:
+    top = Parser(prog="cvt-fast", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    sub = top.add_subparsers(dest="command", required=True)
+    for command in (classify, bench, export):
+        command.add_parser(sub)
+    return top
+
+
+def user_error_lines(error: Exception) -> tuple[str, ...] | None:
+    """The lines to print for a failure the user caused, or None for anything else (a bug: let it show)."""
+    if isinstance(error, UserError):
+        return () if error.reported else tuple(one_line(line, limit=1000) for line in error.lines)
+    if isinstance(error, (FileNotFoundError, ImportError)):  # a path given, an optional package missing
+        return (one_line(error, limit=1000),)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    prog = f"cvt-fast {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as interrupt:
+        # A command that knows how far it got (classify --input) says so, and how to go on.
+        if first_rank():
+            print(f"{prog}: interrupted{': ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        lines = user_error_lines(error)
+        export_module = sys.modules.get("cvt_fast.export")  # imported whenever an ExportError can have been raised
+        if lines is None and export_module is not None and isinstance(error, export_module.ExportError):
+            print(f"{prog}: {error}", file=sys.stderr)  # the export failed its own check: not the user's doing
+            return 1
+        if lines is None:
+            raise
+        for line in lines if first_rank() else ():
+            print(f"{prog}: {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

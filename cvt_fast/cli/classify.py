@@ -1,0 +1,178 @@
+"""`cvt-fast classify`: the top labels of image files, printed; or, with --input and --output, every image of a
+folder or list into a JSON-lines file (cvt_fast.dataset_inference: resumable, split across torchrun's processes)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import Refused
+from .common import at_least, at_least_one, check_backend, device, first_rank
+
+
+def add_parser(sub) -> None:
+    classify = sub.add_parser(
+        "classify",
+        help="print the top labels of local images, or write those of a folder or list of images to a JSON-lines file",
+        description="Image files: their top labels are printed. --input FOLDER_OR_LIST --output FILE: every image "
+        "gets one JSON line (path, labels, scores, label_ids; or path and error), decoded in loader workers; "
+        "resumable, and split across processes under torchrun (torchrun --nproc_per_node N -m cvt_fast classify ...).",
+    )
+    classify.add_argument("images", nargs="*", help="image files")
+    classify.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    classify.add_argument(
+        "--input", help="instead of image files: a folder (searched recursively) or a text file of image paths"
+    )
+    classify.add_argument("--output", type=Path, help="with --input: the results, one JSON line per image")
+    classify.add_argument("--top-k", type=at_least_one, default=5, help="how many labels to print (default 5)")
+    classify.add_argument("--batch-size", type=at_least_one, help="with --input: images per forward pass (default 32)")
+    classify.add_argument(
+        "--workers",
+        type=at_least(0),
+        help="with --input: decoding processes per model process (default: 1 on the CPU; on a GPU the cores shared "
+        "among the GPUs, less one each, at most 16; 0 decodes in the model's process)",
+    )
+    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    classify.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
+    classify.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights and inputs (float32)")
+    classify.add_argument(
+        "--overwrite", action="store_true", help="with --input: discard the results of an earlier run and start over"
+    )
+    classify.set_defaults(func=run)
+
+
+DATASET_OPTIONS = ("output", "batch_size", "workers", "overwrite")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_classify_form(args)
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise Refused("needs Pillow: pip install pillow") from None
+    if args.input is not None:
+        return _classify_dataset(args)
+    import torch
+
+    from ..hub import resolve_checkpoint_dir
+    from ..modeling import CvtForImageClassification
+
+    target = device(args.device)
+    check_backend(args.backend)
+    checkpoint = resolve_checkpoint_dir(args.model)  # a local folder, or the hub snapshot of an id
+    images = _read_images(args.images, _processor(checkpoint, args.model))  # all of them, before the model loads
+    model = CvtForImageClassification.from_pretrained(
+        checkpoint, backend=args.backend, device=target, dtype=args.dtype or "float32"
+    )
+    _check_image_sizes(images, model.config)
+    for path, pixel_values in images:
+        with torch.inference_mode():
+            probabilities = model(pixel_values.to(model.device, model.dtype)).logits.float().softmax(-1)[0]
+        top = probabilities.topk(min(args.top_k, probabilities.numel()))
+        print(path)
+        for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            print(f"  {p:7.2%}  {model.config.id2label.get(index, f'LABEL_{index}')}")
+    return 0
+
+
+def _check_classify_form(args: argparse.Namespace) -> None:
+    """Image files, or --input with --output; the options of one form are refused in the other."""
+    if args.input is None:
+        if not args.images:
+            raise Refused(
+                "give image files, or --input FOLDER_OR_LIST with --output FILE (see cvt-fast classify --help)"
+            )
+        given = [name for name in DATASET_OPTIONS if getattr(args, name) not in (None, False)]
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise Refused(f"argument {option}: only with --input (a folder, or a file listing images)")
+        if os.environ.get("WORLD_SIZE", "1") not in ("1", ""):
+            raise Refused(
+                "under torchrun give --input and --output: image files given as arguments would be classified and "
+                "printed by every process"
+            )
+        return
+    if args.images:
+        raise Refused(
+            f"give image files or --input, not both (got {len(args.images)} file(s) and --input {args.input})"
+        )
+    if args.output is None:
+        raise Refused("argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)")
+
+
+def _classify_dataset(args: argparse.Namespace) -> int:
+    """A folder or a list of images into a JSON-lines file, in this process or in each of torchrun's."""
+    import torch
+
+    from ..dataset_inference import Options, classify_dataset
+    from ..hub import resolve_checkpoint_dir
+
+    backend = check_backend(args.backend)
+    checkpoint = resolve_checkpoint_dir(args.model)
+    options = Options(
+        source=args.input,
+        output=args.output,
+        checkpoint=checkpoint,
+        processor=_processor(checkpoint, args.model),
+        batch_size=args.batch_size or 32,
+        workers=args.workers,
+        top_k=args.top_k,
+        device=args.device,
+        backend=backend,
+        dtype=getattr(torch, args.dtype or "float32"),
+        overwrite=args.overwrite,
+    )
+    return classify_dataset(options)
+
+
+def _processor(checkpoint: Path, name: str):
+    from ..image_processing import DEFAULT_PREPROCESSING, PREPROCESSOR_NAME, CvtImageProcessor
+
+    if (checkpoint / PREPROCESSOR_NAME).is_file():
+        return CvtImageProcessor.from_pretrained(checkpoint)
+    if first_rank():
+        print(
+            f"note: {name} has no {PREPROCESSOR_NAME}; using CvT's default ({DEFAULT_PREPROCESSING})", file=sys.stderr
+        )
+    return CvtImageProcessor()
+
+
+def _read_images(paths: list[str], processor) -> list[tuple[str, object]]:
+    """(path, pixel values) for every image; if any cannot be read, a refusal that names each of those."""
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append((path, _read_image(path, processor)))
+        except Refused as refusal:
+            problems.extend(refusal.lines)
+    if problems:
+        raise Refused(*problems)
+    return images
+
+
+def _read_image(path: str, processor):
+    """(1, 3, H, W) pixel values, or a refusal that names the file and what is wrong with it."""
+    import torch
+
+    from ..dataset_inference import UnreadableImage, read_pixel_values
+
+    try:
+        return torch.from_numpy(read_pixel_values(path, processor))[None]
+    except UnreadableImage as unreadable:
+        raise Refused(f"{path}: {unreadable.reason}") from None
+
+
+def _check_image_sizes(images: list[tuple[str, object]], config) -> None:
+    """The processed images must suit the model (a preprocessor_config.json may resize them to anything)."""
+    from ..checks import check_image_size
+
+    problems = []
+    for path, pixel_values in images:
+        try:
+            check_image_size(config, *pixel_values.shape[-2:])
+        except ValueError as error:
+            problems.append(f"{path}: after preprocessing, {error}")
+    if problems:
+        raise Refused(*problems)

@@ -1,0 +1,30 @@
+"""The contenders the benchmarks know, by name, and which of them run when none are named. Imports nothing heavy,
+so that the command line can list them in --help before torch is loaded."""
+
+# cvt-fast bench: throughput (cvt_fast.benchmark).
+THROUGHPUT = (
+    "transformers-eager",  # float32, or autocast float16/bfloat16 over float32 weights, as transformers users run it
+    "transformers-eager-cast",  # its weights cast to the dtype, no autocast: like for like with cvt_fast
+    "transformers-compile",  # the first, under torch.compile
+    "cvt_fast-eager",  # backend="eager"
+    "cvt_fast-eager-compile",  # the same under torch.compile(fullgraph=True): the CPU's compiled path
+    "cvt_fast-triton",  # backend="triton" (CUDA)
+    "cvt_fast-triton-compile",  # the same under torch.compile(fullgraph=True)
+    "cvt_fast-triton-cudagraph",  # cvt_fast-triton captured in a CUDA graph: one launch per forward
+    "onnxruntime",  # ONNX Runtime (CPU) on cvt_fast's float32 ONNX export
+)
+THROUGHPUT_GPU_DEFAULT = (
+    "transformers-eager",
+    "transformers-eager-cast",
+    "transformers-compile",
+    "cvt_fast-eager",
+    "cvt_fast-triton",
+    "cvt_fast-triton-compile",
+    "cvt_fast-triton-cudagraph",
+)
+THROUGHPUT_CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "cvt_fast-eager-compile", "onnxruntime")
+
+# cvt-fast bench --resolutions: memory and time against image size (cvt_fast.resolution).
+RESOLUTION = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")
+RESOLUTION_GPU_DEFAULT = ("transformers", "cvt_fast-eager", "cvt_fast-triton")
+RESOLUTION_CPU_DEFAULT = ("transformers", "cvt_fast-eager", "onnxruntime")

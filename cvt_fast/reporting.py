@@ -1,0 +1,130 @@
+"""What the benchmarks share: the dtypes they take, the models they accept, the machine each figure names, progress
+lines, markdown tables and plots."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, CvtConfig, preset_named
+from .errors import Refused
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def versions() -> dict[str, str | None]:
+    def version(name: str) -> str | None:
+        try:
+            return __import__(name).__version__
+        except Exception:
+            return None
+
+    return {"torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_description()
+
+
+def cpu_description() -> str:
+    """The CPU as every CPU figure names it: its model, PyTorch's kernel capability (AVX2, AVX512, ...), native
+    bfloat16 or not, and the threads PyTorch uses."""
+    bf16 = cpu_native_bfloat16()
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = f"native bfloat16: {bf16}" if bf16 else "no native bfloat16"
+    return f"cpu ({name}, {capability}, {native}, {torch.get_num_threads()} threads)"
+
+
+def cpu_native_bfloat16() -> str | None:
+    """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
+    where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
+    from .ops.cpu import cpu_has_native_bfloat16
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    return (" and ".join(found) or None) if cpu_has_native_bfloat16() else None
+
+
+def check_models(models: Sequence[str], sizes: Sequence[int], option: str = "--sizes") -> None:
+    """Every model names a preset or a config file, and every image size suits every model."""
+    from .checks import check_image_size
+
+    for name in models:
+        if (preset := preset_named(name)) is not None:
+            config = preset.config()
+        elif Path(name).exists():
+            config = CvtConfig.from_pretrained(name)  # its refusals name the file
+        else:
+            raise Refused(
+                f"argument --models: unknown preset {name!r}; the presets are {', '.join(PRESETS)} "
+                "(or give the path of a config.json)"
+            )
+        for size in sizes:
+            try:
+                check_image_size(config, size, size)
+            except ValueError as error:
+                raise Refused(f"argument {option}: {size} does not suit {name}: {error}") from None
+
+
+def has_onnx_runtime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def progress_printer(total: int, stream=None) -> Callable[[str], None]:
+    """One self-overwriting status line on a terminal; elsewhere (a log file, a pipe, CI) one plain line per step
+    with the time so far, so that a long run shows in its log where it is."""
+    stream = stream if stream is not None else sys.stderr
+    state = {"case": 0}
+    live = stream.isatty()
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        if live:
+            print(f"\r\033[K[{state['case']}/{total}] {message}", end="", file=stream, flush=True)
+        else:
+            print(f"[{state['case']}/{total}, {time.monotonic() - start:.0f}s] {message}", file=stream, flush=True)
+
+    progress.state = state  # type: ignore[attr-defined]
+    progress.clear = lambda: live and print("\r\033[K", end="", file=stream)  # type: ignore[attr-defined]
+    return progress
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None without matplotlib (the plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
