@@ -22,14 +22,15 @@ import torch
 
 from .config import CvtConfig, preset_named
 from .contenders import THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
+from .engines import INSTALL, Engines, installed, openvino_native_bfloat16
 from .errors import Refused
 from .modeling import CvtForImageClassification
 from .reporting import (
     DTYPES,
     check_models,
+    cpu_description,
     cpu_native_bfloat16,
     device_name,
-    has_onnx_runtime,
     progress_printer,
     pyplot,
     save_figure,
@@ -52,6 +53,7 @@ class Record:
     batch: int
     dtype: str
     implementation: str
+    threads: int | None  # the CPU threads every contender used (torch's; ONNX Runtime's and OpenVINO's set alike)
     images_per_s: float | None
     ms_per_batch: float | None
     peak_mem_bytes: int | None
@@ -92,9 +94,13 @@ def _cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable:
     return replay
 
 
-def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor) -> Callable:
+def _contender(
+    name: str, model_name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor, engines: Engines
+) -> Callable:
     """pixel_values -> logits, for one implementation."""
-    if name.startswith("transformers"):
+    if name == "openvino":
+        fn = engines.openvino(model_name, _transformers_model(base), x, dtype)
+    elif name.startswith("transformers"):
         cast = name.endswith("-cast")
         model = _transformers_model(base).to(device=device, dtype=dtype if cast else torch.float32)
         autocast = dtype != torch.float32 and not cast
@@ -106,7 +112,7 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
         # Static shapes: compiled once for this shape, never recompiled as "dynamic" after a change of shape.
         fn = torch.compile(run, dynamic=False) if name.endswith("compile") else run
     elif name == "onnxruntime":
-        fn = _onnxruntime(base)
+        fn = engines.onnxruntime(model_name, base)
     else:
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
         model.set_backend("eager" if name.startswith("cvt_fast-eager") else "triton")
@@ -120,23 +126,7 @@ def _contender(name: str, base, dtype: torch.dtype, device: torch.device, x: tor
     return fn
 
 
-def _onnxruntime(base) -> Callable:
-    """An ONNX Runtime session on cvt_fast's float32 export of `base`, with as many threads as torch uses."""
-    import tempfile
-
-    import onnxruntime
-
-    from .export import export_onnx
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        export_onnx(base, path, validate=False)  # the benchmark measures the error itself
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.float().numpy()})[0])
-
-
+CPU_BLOCK = 3  # calls per contender per round on the CPU; the first of each block is not counted
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
 
 
@@ -184,9 +174,12 @@ def bench_case(
     rounds: int,
     progress: Callable[[str], None],
     on_record: Callable[[Record], None] | None = None,
+    engines: Engines | None = None,
 ) -> list[Record]:
     """One case, every implementation; on_record(record) as soon as a record is final (on CUDA, after each
-    contender's timing; on the CPU, where the contenders run interleaved, at the end)."""
+    contender's timing; on the CPU, where the contenders run interleaved, at the end). `engines` keeps the engines
+    built for earlier cases of the same model."""
+    engines = engines if engines is not None else Engines()
     dtype = DTYPES[dtype_name]
     found = versions()
     generator = torch.Generator().manual_seed(0)
@@ -215,6 +208,7 @@ def bench_case(
             batch=batch,
             dtype=dtype_name,
             implementation=name,
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
             ref64_err=ref64_err,
             **{"images_per_s": None, "ms_per_batch": None, "peak_mem_bytes": None, "max_err": None, **fields},
         )
@@ -230,13 +224,17 @@ def bench_case(
             continue  # the same as transformers-eager
         if name == "onnxruntime" and (dtype != torch.float32 or device.type != "cpu"):
             continue  # the export is float32, and runs on ONNX Runtime's CPU provider
+        if name == "openvino" and (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"):
+            continue
+        if name == "openvino" and dtype == torch.bfloat16 and not openvino_native_bfloat16():
+            continue  # OpenVINO would run float32 under a bfloat16 label
         progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 allocated_before = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
-            fn = _contender(name, base, dtype, device, x)
+            fn = _contender(name, model_name, base, dtype, device, x, engines)
             with torch.inference_mode():  # the first call compiles (torch.compile, Triton's JIT)
                 fn(x)
             if device.type == "cuda":
@@ -266,15 +264,20 @@ def bench_case(
             final(name)
             torch.cuda.empty_cache()
 
-    if device.type == "cpu" and contenders:  # interleaved rounds: drift on a shared machine hits all alike
+    if device.type == "cpu" and contenders:
+        # Rounds interleave the contenders, so that drift on a shared machine hits all alike; within a round each
+        # runs a short block whose first call is not counted: the thread pools of torch, ONNX Runtime and OpenVINO
+        # each take a call to get going after another's, which would otherwise be charged to whoever runs next.
         times: dict[str, list[float]] = {name: [] for name in contenders}
         with torch.inference_mode():  # each contender has been called twice already: warm
             for r in range(rounds):
                 progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
                 for name, fn in contenders.items():
-                    start = time.perf_counter()
-                    fn(inputs[r % len(inputs)])
-                    times[name].append(time.perf_counter() - start)
+                    for call in range(CPU_BLOCK):
+                        start = time.perf_counter()
+                        fn(inputs[r % len(inputs)])
+                        if call > 0:
+                            times[name].append(time.perf_counter() - start)
         for name, samples in times.items():
             seconds = statistics.median(samples)
             records[name].ms_per_batch, records[name].images_per_s = seconds * 1e3, batch / seconds
@@ -372,6 +375,7 @@ def run(
     ]
     progress = progress_printer(len(cases))
     records: list[Record] = []
+    engines = Engines()  # an engine built for a model serves its every case
     on_record = None
     if out_dir is not None:  # every record appended the moment it is final: a run stopped midway keeps them
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +388,9 @@ def run(
 
     for index, (model, size, batch, dtype) in enumerate(cases, 1):
         progress.state["case"] = index  # type: ignore[attr-defined]
-        case_records = bench_case(model, size, batch, dtype, implementations, device, rounds, progress, on_record)
+        case_records = bench_case(
+            model, size, batch, dtype, implementations, device, rounds, progress, on_record, engines
+        )
         records.extend(case_records)
         progress.clear()  # type: ignore[attr-defined]
         for r in case_records:
@@ -440,13 +446,13 @@ def plan(
     sizes = sizes or ([224, 384] if on_gpu else [224])
     check_models(models, sizes)
     batches = batches or ([1, 8, 64, 256] if on_gpu else [1, 8])
+    if not on_gpu:
+        notes.append(f"on {cpu_description()}")
     if not dtypes:
         native = None if on_gpu else cpu_native_bfloat16()
         dtypes = ["bfloat16"] if on_gpu else ["float32", "bfloat16"] if native else ["float32"]
-        if not on_gpu:
-            notes.append(
-                f"this CPU {'computes bfloat16 natively (' + native + ')' if native else 'has no native bfloat16'}"
-            )
+        if not on_gpu and not native:
+            notes.append("bfloat16 is left out: this CPU has no native bfloat16 (--dtypes bfloat16 runs it emulated)")
     return Plan(device, list(models), list(sizes), list(batches), list(dtypes), chosen, notes)
 
 
@@ -465,14 +471,14 @@ def _implementations(requested: list[str] | None, device: torch.device, notes: l
         chosen = list(dict.fromkeys(requested))
     elif device.type == "cuda":
         chosen = list(THROUGHPUT_GPU_DEFAULT)
-    else:  # the CPU's contenders: eager, compiled, and ONNX Runtime on the export (the Triton kernels need CUDA)
+    else:  # the CPU's contenders: cvt_fast's eager path, and the engines (the Triton kernels need CUDA)
         chosen = list(THROUGHPUT_CPU_DEFAULT)
-        if not has_onnx_runtime():
-            chosen.remove("onnxruntime")
-            notes.append(
-                "note: onnxruntime or onnxscript is not installed; skipping onnxruntime "
-                "(pip install onnx onnxscript 'onnxruntime>=1.22')"
-            )
+    for engine in ("onnxruntime", "openvino"):
+        if engine in chosen and not installed(engine):
+            if requested:
+                raise Refused(f"argument --implementations: {engine} is not installed ({INSTALL[engine]})")
+            chosen.remove(engine)
+            notes.append(f"note: {engine} is not installed; skipping it ({INSTALL[engine]})")
     kernel_users = [name for name in chosen if "triton" in name]
     if kernel_users and device.type != "cuda" and not TRITON_INTERPRET:  # under the interpreter run() refuses them
         raise Refused(

@@ -12,6 +12,7 @@ THROUGHPUT = (
     "cvt_fast-triton-compile",  # the same under torch.compile(fullgraph=True)
     "cvt_fast-triton-cudagraph",  # cvt_fast-triton captured in a CUDA graph: one launch per forward
     "onnxruntime",  # ONNX Runtime (CPU) on cvt_fast's float32 ONNX export
+    "openvino",  # OpenVINO (CPU) on transformers' model: float32, or bfloat16 where the CPU has it natively
 )
 THROUGHPUT_GPU_DEFAULT = (
     "transformers-eager",
@@ -22,7 +23,9 @@ THROUGHPUT_GPU_DEFAULT = (
     "cvt_fast-triton-compile",
     "cvt_fast-triton-cudagraph",
 )
-THROUGHPUT_CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "cvt_fast-eager-compile", "onnxruntime")
+# On the CPU: what a user gets by default against the baseline and the engines. torch.compile is left out: minutes
+# of compiling for no gain on the CPU (cvt_fast-eager-compile, when asked for).
+THROUGHPUT_CPU_DEFAULT = ("transformers-eager", "cvt_fast-eager", "onnxruntime", "openvino")
 
 # cvt-fast bench --resolutions: memory and time against image size (cvt_fast.resolution).
 RESOLUTION = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")

@@ -81,12 +81,6 @@ def check_models(models: Sequence[str], sizes: Sequence[int], option: str = "--s
                 raise Refused(f"argument {option}: {size} does not suit {name}: {error}") from None
 
 
-def has_onnx_runtime() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
-
-
 def progress_printer(total: int, stream=None) -> Callable[[str], None]:
     """One self-overwriting status line on a terminal; elsewhere (a log file, a pipe, CI) one plain line per step
     with the time so far, so that a long run shows in its log where it is."""

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from .contenders import RESOLUTION, RESOLUTION_CPU_DEFAULT, RESOLUTION_GPU_DEFAULT
+from .engines import installed
 from .errors import Refused
-from .reporting import DTYPES, check_models, device_name, has_onnx_runtime, markdown_table, pyplot, save_figure
+from .reporting import DTYPES, check_models, device_name, markdown_table, pyplot, save_figure
 
 IMPLEMENTATIONS = RESOLUTION
 # How a CPU allocation failure reads in a worker's stderr (PyTorch's allocator, C++, Python).
@@ -120,6 +121,7 @@ def _timed(fn: Callable[[], object], budget_s: float = 2.0, at_most: int = 3) ->
 def worker(spec: dict) -> dict:
     """One CPU point, in its own process: build, warm up small, then a first forward at the size (its peak
     resident memory over what the process held before it), then the timed ones."""
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     torch.manual_seed(0)
     fn, channels = build(spec["model"], spec["implementation"], DTYPES[spec["dtype"]], torch.device("cpu"),
                          spec.get("onnx_path"))  # fmt: skip
@@ -248,7 +250,8 @@ def _contender_points(model, implementation, dtype, resolutions, device, cap_byt
         if gpu_model is not None:
             result, point.status, logits = _gpu_point(*gpu_model, size, DTYPES[dtype], device, cap_bytes)
         else:
-            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size, onnx_path=onnx_path)
+            spec = dict(model=model, implementation=implementation, dtype=dtype, resolution=size, onnx_path=onnx_path,
+                        threads=torch.get_num_threads())  # fmt: skip
             spec["logits_path"] = str(Path(scratch) / f"{implementation}-{dtype}-{size}.pt")
             result, point.status = _run_worker(spec, cap_bytes, timeout_s)
             logits = torch.load(spec["logits_path"]) if result else None
@@ -379,7 +382,7 @@ def plan(
     elif on_gpu:
         names = list(RESOLUTION_GPU_DEFAULT)
     else:
-        names = [n for n in RESOLUTION_CPU_DEFAULT if n != "onnxruntime" or has_onnx_runtime()]
+        names = [n for n in RESOLUTION_CPU_DEFAULT if n != "onnxruntime" or installed("onnxruntime")]
     unknown = [n for n in names if n not in IMPLEMENTATIONS]
     if unknown:
         raise Refused(

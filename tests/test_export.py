@@ -2,6 +2,10 @@
 cvt_fast and transformers in float32, attention is one fused node per layer (never a Softmax over a score matrix),
 and failures are clear and leave nothing behind. Also the CPU's bfloat16 path against float64."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -136,21 +140,51 @@ def test_bfloat16_on_the_cpu_within_the_rule_against_float64():
     assert rel_err(logits, reference) <= 2 * hf_error + 1e-2, (rel_err(logits, reference), hf_error)
 
 
-def test_cpu_benchmark_runs_the_compiled_path_and_onnx_runtime(tmp_path):
-    """`cvt-fast bench` on the CPU: cvt_fast under torch.compile and ONNX Runtime on the export, each timed with
-    its error against the float32 reference beside it, and their preparation (compile, export) reported apart."""
-    from cvt_fast.benchmark import bench_case
+def test_cpu_benchmark_runs_the_compiled_path_and_the_engines(tmp_path, monkeypatch):
+    """`cvt-fast bench` on the CPU: cvt_fast under torch.compile, ONNX Runtime on the export and OpenVINO on
+    transformers' model, each timed with its error against the float32 reference beside it, their preparation
+    (compile) reported apart, and the threads named. An engine is built once per model: two batch sizes, one export."""
+    from cvt_fast import benchmark, export
+    from cvt_fast.engines import Engines
 
+    pytest.importorskip("openvino")
+    exports = []
+    real_export = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
     config = tmp_path / "tiny.json"
     config.write_text(cvt_fast.CvtConfig(**CONFIG).to_json_string())
-    records = bench_case(str(config), 48, 2, "float32", ["cvt_fast-eager-compile", "onnxruntime"],
-                         torch.device("cpu"), 1, lambda _: None)  # fmt: skip
-    assert [r.implementation for r in records] == ["cvt_fast-eager-compile", "onnxruntime"]
+    engines = Engines()
+    names = ["cvt_fast-eager-compile", "onnxruntime", "openvino"]
+    records = []
+    for batch in (1, 2):
+        records += benchmark.bench_case(str(config), 48, batch, "float32", names, torch.device("cpu"), 1,
+                                        lambda _: None, engines=engines)  # fmt: skip
+    assert [r.implementation for r in records] == names * 2
     for r in records:
         assert r.error is None and r.images_per_s > 0 and r.max_err < 1e-4, r
+        assert r.threads == torch.get_num_threads() and f"{r.threads} threads" in r.device
     assert records[0].compile_s > 0
+    assert len(exports) == 1
     # ONNX Runtime runs the float32 export only: a bfloat16 case leaves it out rather than mislabel a float32 figure
-    assert bench_case(str(config), 48, 1, "bfloat16", ["onnxruntime"], torch.device("cpu"), 1, lambda _: None) == []
+    assert benchmark.bench_case(str(config), 48, 1, "bfloat16", ["onnxruntime"], torch.device("cpu"), 1,
+                                lambda _: None) == []  # fmt: skip
+
+
+def test_bench_threads_reach_every_contender(tmp_path):
+    """--threads N: torch, ONNX Runtime and OpenVINO all run on N threads, and the record says so."""
+    config = tmp_path / "tiny.json"
+    config.write_text(cvt_fast.CvtConfig(**CONFIG).to_json_string())
+    code = (
+        "import json, sys, torch\nfrom cvt_fast.cli import main\n"
+        f"status = main(['bench', '--models', {str(config)!r}, '--sizes', '48', '--batches', '1', '--dtypes', "
+        "'float32', '--implementations', 'cvt_fast-eager', 'onnxruntime', '--rounds', '1', '--threads', '1', "
+        f"'--out', {str(tmp_path / 'out')!r}])\nprint(status, torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0 1"
+    records = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert {r["threads"] for r in records} == {1} and all(", 1 threads)" in r["device"] for r in records)
 
 
 def test_cpu_defaults_follow_the_machine(monkeypatch):
@@ -167,7 +201,11 @@ def test_cpu_defaults_follow_the_machine(monkeypatch):
     )
     cpu_plan = benchmark.plan(torch.device("cpu"))
     assert "onnxruntime" not in cpu_plan.implementations
-    assert any("skipping onnxruntime (pip install onnx onnxscript 'onnxruntime>=1.22')" in n for n in cpu_plan.notes)
+    assert "note: onnxruntime is not installed; skipping it (pip install onnx onnxscript 'onnxruntime>=1.22')" in (
+        cpu_plan.notes
+    )
+    with pytest.raises(cvt_fast.errors.Refused, match="argument --implementations: onnxruntime is not installed"):
+        benchmark.plan(torch.device("cpu"), implementations=["cvt_fast-eager", "onnxruntime"])
     monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: True)  # what oneDNN says, forced either way
     monkeypatch.setattr(reporting, "Path", lambda _: type("P", (), {"read_text": lambda self: "flags : avx512f"})())
     assert reporting.cpu_native_bfloat16() is None

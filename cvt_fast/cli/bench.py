@@ -34,6 +34,11 @@ def add_parser(sub) -> None:
     )
     bench.add_argument("--device", default=None)
     bench.add_argument("--rounds", type=at_least_one, default=5, help="interleaved timing rounds on the CPU")
+    bench.add_argument(
+        "--threads",
+        type=at_least_one,
+        help="CPU threads for every contender (torch, ONNX Runtime, OpenVINO alike; default: torch's, the cores)",
+    )
     bench.add_argument("--out", type=Path, default=None, help="directory for bench.json, bench.md, bench.png")
     bench.add_argument(
         "--resolutions",
@@ -49,6 +54,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.resolutions:
         return _resolutions(args)
     from .. import benchmark
