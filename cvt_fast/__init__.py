@@ -75,6 +75,7 @@ _SUBMODULES = (
     "config",
     "contenders",
     "dataset_inference",
+    "engines",
     "errors",
     "export",
     "files",

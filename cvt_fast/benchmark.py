@@ -53,7 +53,6 @@ class Record:
     batch: int
     dtype: str
     implementation: str
-    threads: int | None  # the CPU threads every contender used (torch's; ONNX Runtime's and OpenVINO's set alike)
     images_per_s: float | None
     ms_per_batch: float | None
     peak_mem_bytes: int | None
@@ -62,6 +61,7 @@ class Record:
     error: str | None = None
     note: str | None = None
     compile_s: float | None = None  # torch.compile or CUDA graph capture, first call included; apart from the timing
+    threads: int | None = None  # CPU threads of every contender (torch's; ONNX Runtime's and OpenVINO's set alike)
 
 
 def _transformers_model(cvt_model: CvtForImageClassification):

@@ -35,6 +35,7 @@ LAYERS = [
         "tools",
         [
             "cvt_fast.contenders",
+            "cvt_fast.engines",
             "cvt_fast.reporting",
             "cvt_fast.benchmark",
             "cvt_fast.resolution",
