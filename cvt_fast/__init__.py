@@ -81,6 +81,7 @@ _SUBMODULES = (
     "files",
     "hub",
     "image_processing",
+    "integrations",
     "kernels",
     "loading",
     "modeling",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,12 +44,41 @@ def batchnorm_statistics_frozen(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def checkpointed_call(layer: nn.Module, *args: Any, **checkpoint_kwargs: Any) -> Any:
-    """layer(*args), its activations recomputed in backward; BatchNorm statistics updated once, in the forward."""
-    if torch.compiler.is_compiling():
-        return checkpoint(layer, *args, use_reentrant=False, **checkpoint_kwargs)
-    context: Callable = lambda: (contextlib.nullcontext(), batchnorm_statistics_frozen(layer))  # noqa: E731
-    return checkpoint(layer, *args, use_reentrant=False, context_fn=context, **checkpoint_kwargs)
+def checkpointed_call(layer: nn.Module, *args: Any, offload: bool = False, **checkpoint_kwargs: Any) -> Any:
+    """layer(*args), its activations recomputed in backward; BatchNorm statistics updated once, in the forward. With
+    `offload`, what the checkpoint keeps for backward (the layer's inputs) waits in CPU memory."""
+    keep = (
+        torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else contextlib.nullcontext()
+    )
+    with keep:
+        if torch.compiler.is_compiling():
+            return checkpoint(layer, *args, use_reentrant=False, **checkpoint_kwargs)
+        context: Callable = lambda: (contextlib.nullcontext(), batchnorm_statistics_frozen(layer))  # noqa: E731
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=context, **checkpoint_kwargs)
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Which layers recompute their activations in backward, and how: every `every_n_layers`-th layer of the model
+    (counted across stages, the first one included), their saved inputs on the CPU with `offload`, `kwargs` passed on
+    to torch.utils.checkpoint.checkpoint."""
+
+    kwargs: dict[str, Any]
+    every_n_layers: int = 1
+    offload: bool = False
+
+    def covers(self, layer_index: int) -> bool:
+        return layer_index % self.every_n_layers == 0
+
+
+def checkpoint_plan(kwargs: dict[str, Any] | None, every_n_layers: Any = 1, offload: Any = False) -> CheckpointPlan:
+    """A CheckpointPlan from what gradient_checkpointing_enable (or transformers' newer name for it,
+    activation_checkpointing_enable) was given; a refusal names what does not fit."""
+    if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+        raise InputError(f"every_n_layers must be a whole number of at least 1, got {every_n_layers!r}")
+    if not isinstance(offload, bool):
+        raise InputError(f"offload must be True or False, got {offload!r}")
+    return CheckpointPlan(checked_checkpoint_kwargs(kwargs), every_n_layers, offload)
 
 
 def checked_checkpoint_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,4 +94,4 @@ def checked_checkpoint_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
-__all__ = ["batchnorm_statistics_frozen", "checked_checkpoint_kwargs", "checkpointed_call"]
+__all__ = ["CheckpointPlan", "batchnorm_statistics_frozen", "checkpoint_plan", "checkpointed_call"]

@@ -251,12 +251,23 @@ def from_pretrained(
     return model
 
 
+def _trainer_hint(directory: Path) -> str:
+    """What to say of a folder that transformers' Trainer wrote around a cvt_fast model: weights, no config."""
+    if (directory / "training_args.bin").is_file():
+        return (
+            " (transformers' Trainer saves a model that is not its own as weights alone: train with "
+            "callbacks=[cvt_fast.integrations.SaveConfigCallback()], or save with model.save_pretrained)"
+        )
+    return ""
+
+
 def _checkpoint_config(directory: Path, config: CvtConfig | None, overrides: dict[str, Any]) -> CvtConfig:
     """The checkpoint's config.json (or the config given instead), with the overrides applied."""
     if config is None:
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointNotFoundError(
-                f"{directory} has no {CONFIG_NAME}", remedy="pass config= to load its weights"
+                f"{directory} has no {CONFIG_NAME}" + _trainer_hint(directory),
+                remedy="pass config= to load its weights",
             )
         config = CvtConfig.from_json_file(directory / CONFIG_NAME)
     elif isinstance(config, CvtConfig):

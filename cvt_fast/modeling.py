@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from . import ops
-from .checkpointing import checked_checkpoint_kwargs, checkpointed_call
+from .checkpointing import CheckpointPlan, checkpoint_plan, checkpointed_call
 from .checks import check_labels, check_pixel_values
 from .config import CvtConfig
 from .ops.dispatch import prepare_backend, resolve_backend
@@ -282,7 +282,8 @@ class CvtStage(nn.Module):
     def __init__(self, config: CvtConfig, stage: int, backend: str = "auto"):
         super().__init__()
         self.stage = stage
-        self.gradient_checkpointing: dict | None = None  # torch checkpoint kwargs while enabled
+        self.gradient_checkpointing: CheckpointPlan | None = None  # while enabled
+        self.first_layer = 0  # the index of this stage's first layer in the whole model (CvtEncoder sets it)
         embed_dim = config.embed_dim[stage]
         if config.cls_token[stage]:
             # (transformers sizes this by embed_dim[-1], which breaks a cls token on any stage but the last.)
@@ -325,10 +326,12 @@ class CvtStage(nn.Module):
         if self.cls_token is not None:
             cls = self.cls_token.expand(hidden_state.shape[0], -1, -1)
             hidden_state = torch.cat((cls, hidden_state), dim=1)  # (B, 1 + H*W, C)
-        checkpointing = self.gradient_checkpointing is not None and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if checkpointing:  # activations recomputed in backward, one layer at a time
-                hidden_state = checkpointed_call(layer, hidden_state, height, width, **self.gradient_checkpointing)
+        plan = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
+        for index, layer in enumerate(self.layers, self.first_layer):
+            if plan is not None and plan.covers(index):  # activations recomputed in backward, one layer at a time
+                hidden_state = checkpointed_call(
+                    layer, hidden_state, height, width, offload=plan.offload, **plan.kwargs
+                )
             else:
                 hidden_state = layer(hidden_state, height, width)
         cls_token, tokens = ops.split_cls(hidden_state, self.cls_token is not None)
@@ -339,6 +342,8 @@ class CvtEncoder(nn.Module):
     def __init__(self, config: CvtConfig, backend: str = "auto"):
         super().__init__()
         self.stages = nn.ModuleList(CvtStage(config, stage, backend) for stage in range(config.num_stages))
+        for stage in self.stages[1:]:
+            stage.first_layer = stage.first_layer + sum(len(s.layers) for s in self.stages[: stage.stage])
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithCLSToken:
         all_hidden_states = () if output_hidden_states else None
@@ -402,6 +407,7 @@ class CvtPreTrainedModel(nn.Module):
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
+    _keys_to_ignore_on_save = None  # what transformers' Trainer asks of a model: every key is saved
 
     def __init__(self, config: CvtConfig, backend: str | None = None):
         super().__init__()
@@ -435,23 +441,36 @@ class CvtPreTrainedModel(nn.Module):
             if isinstance(module, CvtSelfAttention):
                 module.backend = self._backend
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
         """Recompute each layer's activations in the backward pass instead of keeping them (training memory per
-        stage drops to one layer's activations), as transformers' models offer. BatchNorm statistics, outputs and
+        stage drops to one layer's activations), as transformers' models offer: every layer, or every
+        `every_n_layers`-th; `offload` keeps what the checkpoints save on the CPU. BatchNorm statistics, outputs and
         gradients are those of the same step without it."""
-        kwargs = checked_checkpoint_kwargs(gradient_checkpointing_kwargs)
+        plan = checkpoint_plan(gradient_checkpointing_kwargs, every_n_layers, offload)
         for module in self.modules():
             if isinstance(module, CvtStage):
-                module.gradient_checkpointing = kwargs
+                module.gradient_checkpointing = plan
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' newer name for gradient_checkpointing_enable (Trainer calls it)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():
             if isinstance(module, CvtStage):
                 module.gradient_checkpointing = None
 
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(isinstance(m, CvtStage) and m.gradient_checkpointing is not None for m in self.modules())
+
+    is_activation_checkpointing = is_gradient_checkpointing
 
     def kernel_paths(self) -> KernelPaths:
         """Which path each attention layer's fused ops took in the last forward (see kernel_paths)."""
@@ -465,8 +484,14 @@ class CvtPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The parameters' elements (those that train, with only_trainable). CvT's embeddings are convolutions, not
+        embedding tables, so exclude_embeddings leaves the count as it is, as in transformers' CvT."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
 
     @torch.no_grad()
     def init_weights(self) -> None:

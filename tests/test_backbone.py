@@ -239,6 +239,34 @@ def test_gradient_checkpointing_under_torch_compile(fullgraph):
         torch.testing.assert_close(other, buffer, rtol=1e-12, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("every_n_layers, offload", [(2, False), (1, True), (3, True)])
+def test_checkpointing_every_nth_layer_and_offloaded_changes_nothing_but_memory(every_n_layers, offload, monkeypatch):
+    """What transformers' Trainer asks for (activation_checkpointing_enable with every_n_layers and offload): the
+    layers with index 0, n, 2n, ... across stages are recomputed, the rest run as usual, and the step is the same."""
+    from cvt_fast import modeling
+
+    small = dict(depth=[1, 3], embed_dim=[16, 32], num_heads=[1, 2], cls_token=[False, True], num_labels=5)
+    torch.manual_seed(0)
+    plain = randomize_(cvt_fast.CvtForImageClassification(CvtConfig(**small, drop_path_rate=[0.0, 0.0])))
+    plain = plain.double().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(None, every_n_layers=every_n_layers, offload=offload)
+    assert checkpointed.is_activation_checkpointing
+    recomputed = []
+    real = modeling.checkpointed_call
+    monkeypatch.setattr(
+        modeling, "checkpointed_call", lambda layer, *a, **k: recomputed.append(layer) or real(layer, *a, **k)
+    )
+    x, labels = torch.randn(3, 3, 40, 32, dtype=torch.float64), torch.tensor([0, 4, 2])
+    assert torch.equal(training_step(plain, x, labels, 0), training_step(checkpointed, x, labels, 0))
+    layers = [layer for stage in checkpointed.cvt.encoder.stages for layer in stage.layers]
+    assert recomputed == layers[::every_n_layers]
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="every_n_layers must be a whole number of at least 1, got 0"):
+        checkpointed.activation_checkpointing_enable(every_n_layers=0)
+
+
 def test_gradient_checkpointing_refuses_reentrant_recomputation():
     model = cvt_fast.CvtModel(CvtConfig(**SMALL))
     with pytest.raises(ValueError, match="use_reentrant=True is not supported"):

@@ -30,7 +30,7 @@ LAYERS = [
             "cvt_fast.image_processing",
         ],
     ),
-    ("interop", ["cvt_fast.patching", "cvt_fast.export"]),
+    ("interop", ["cvt_fast.patching", "cvt_fast.export", "cvt_fast.integrations"]),
     (
         "tools",
         [
