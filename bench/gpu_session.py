@@ -193,6 +193,29 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
             bench_case(model, size, batch, dtype, implementations, device, 1, lambda m: print(m, flush=True), on_record)
 
 
+# ---- training step ------------------------------------------------------------------------------------------
+
+
+def stage_train(out: Path, rehearse: bool) -> None:
+    """A fine-tuning step of cvt-13 at 224 px (bf16 autocast, batch 64) against transformers': speed, peak memory,
+    what autograd keeps, gradients against float64. Appended to models.jsonl ("kind": "train"): the session's files
+    stay within what the device tool brings back."""
+    from dataclasses import asdict
+
+    from cvt_fast.training_benchmark import train_case
+
+    with tempfile.TemporaryDirectory() as folder:
+        if rehearse:
+            session_config(rehearse).save_pretrained(folder)
+            case, device = (folder, 32, 2, "float32"), torch.device("cpu")
+        else:
+            case, device = ("cvt-13", 224, 64, "bfloat16"), torch.device("cuda")
+        for r in train_case(*case, device, rounds=2, progress=lambda m: print(m, flush=True)):
+            append_jsonl(out / "models.jsonl", {"kind": "train", **asdict(r)})
+            print(f"train step {r.implementation:<13} {r.images_per_s:.1f} images/s, peak {r.peak_mem_bytes}, kept "
+                  f"for backward {r.saved_bytes}, grad err {r.grad_err:.1e} against float64", flush=True)  # fmt: skip
+
+
 # ---- resolution ---------------------------------------------------------------------------------------------
 
 
@@ -271,6 +294,17 @@ def summarize_kernels(records: list[dict]) -> list[str]:
     errors = [r for r in records if r.get("error") and r["implementation"].startswith("cvt_fast")]
     lines += [f"kernel error: {r['op']} {r['model']} s{r['stage']} {r['dtype']} b{r['batch']} "
               f"{r['implementation']}: {r['error']}" for r in errors]  # fmt: skip
+    return lines
+
+
+def summarize_training(records: list[dict]) -> list[str]:
+    lines = ["| batch | dtype | implementation | images/s | peak MiB | kept for backward MiB | grad err vs float64 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "-"
+        cells = [r["batch"], r["dtype"], r["implementation"], f"{r['images_per_s']:.1f}", mem,
+                 f"{r['saved_bytes'] / 2**20:.0f}", f"{r['grad_err']:.1e}"]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
 
@@ -364,7 +398,11 @@ def stage_summary(out: Path) -> None:
                      f"{','.join(r['paths'])} | {rule} |")  # fmt: skip
     lines += ["", "## kernels (table config against baselines and the best candidate)"]
     lines += summarize_kernels(read_jsonl(out / "kernels.jsonl"))
-    lines += ["", "## models (cvt-13, 224 px)"] + summarize_models(read_jsonl(out / "models.jsonl"))
+    records = read_jsonl(out / "models.jsonl")
+    lines += ["", "## models (cvt-13, 224 px)"] + summarize_models([r for r in records if r.get("kind") != "train"])
+    lines += ["", "## a fine-tuning step against transformers'"] + summarize_training(
+        [r for r in records if r.get("kind") == "train"]
+    )
     lines += ["", "## memory and time against image size (batch 1)"] + summarize_resolution(
         read_jsonl(out / "resolution.jsonl")
     )
@@ -375,7 +413,7 @@ def stage_summary(out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["env", "parity", "models", "resolution", "summary"])
+    parser.add_argument("stage", choices=["env", "parity", "models", "train", "resolution", "summary"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rehearse", action="store_true")
     parser.add_argument("--budget-s", type=float, default=float("inf"))
@@ -387,6 +425,8 @@ def main(argv=None) -> int:
         stage_parity(args.out, args.rehearse)
     elif args.stage == "models":
         stage_models(args.out, args.rehearse, args.budget_s)
+    elif args.stage == "train":
+        stage_train(args.out, args.rehearse)
     elif args.stage == "resolution":
         stage_resolution(args.out, args.rehearse)
     else:

@@ -11,6 +11,7 @@
 #   parity    the whole model, backend "triton", against transformers on the device              -> parity.json
 #   kernels   bench/kernel_bench.py --sweep: every candidate configuration beside the baselines      -> kernels.jsonl
 #   models    cvt-13 224 px bf16, batch 256 and 1, every contender of `cvt-fast bench`        -> models.jsonl
+#   train     a fine-tuning step against transformers': speed, memory, gradients       -> models.jsonl ("train")
 #   resolution memory and time against image size, 224 to 2048 px                           -> resolution.jsonl
 #   summary   a short table of everything against the targets, last on stdout                 -> summary.md
 # Every stage appends its results as they come; session.log has everything printed. 8 files in all, one folder.
@@ -77,11 +78,12 @@ REST=$(ls tests/test_*.py | grep -v -x -F "$FIRST")
 TEST_FILES=$(echo $FIRST $REST)
 stage tests 26 bash -c "python3 -m pytest -v -rfE --durations=15 -m gpu $TEST_FILES -p no:cacheprovider >'$OUT/tests.log' 2>&1; rc=\$?; tail -n 25 '$OUT/tests.log'; exit \$rc"
 stage parity 6 python3 bench/gpu_session.py parity --out "$OUT" "${MODE[@]}"
-KERNELS_LIMIT=$((BUDGET * 28 / 100))
-stage kernels 28 python3 bench/kernel_bench.py --sweep --out "$OUT" --no-markdown --budget-s $((KERNELS_LIMIT - 30)) \
+KERNELS_LIMIT=$((BUDGET * 25 / 100))
+stage kernels 25 python3 bench/kernel_bench.py --sweep --out "$OUT" --no-markdown --budget-s $((KERNELS_LIMIT - 30)) \
   "${MODE[@]}"
-MODELS_LIMIT=$((BUDGET * 24 / 100))
-stage models 24 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
+MODELS_LIMIT=$((BUDGET * 22 / 100))
+stage models 22 python3 bench/gpu_session.py models --out "$OUT" --budget-s $((MODELS_LIMIT - 30)) "${MODE[@]}"
+stage train 6 python3 bench/gpu_session.py train --out "$OUT" "${MODE[@]}"
 stage resolution 9 python3 bench/gpu_session.py resolution --out "$OUT" "${MODE[@]}"
 log "summary (whole session $(($(date +%s) - START))s)"
 python3 bench/gpu_session.py summary --out "$OUT" 2>&1 | tee -a "$OUT/session.log"

@@ -91,6 +91,7 @@ _SUBMODULES = (
     "reporting",
     "resolution",
     "testing",
+    "training_benchmark",
 )
 
 

@@ -81,6 +81,30 @@ def check_models(models: Sequence[str], sizes: Sequence[int], option: str = "--s
                 raise Refused(f"argument {option}: {size} does not suit {name}: {error}") from None
 
 
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A field of /proc/<pid>/status in KiB (VmRSS, VmHWM), or None where there is no such file."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[object, int | None]:
+    """(fn(), the peak resident memory it took over what the process held before), on Linux; None elsewhere. The
+    kernel's high-water mark is reset to the present first (/proc/self/clear_refs), so the peak is fn's own."""
+    before = status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    result = fn()
+    peak = status_kib("VmHWM")
+    return result, None if peak is None or before is None else max(0, peak - before) * 1024
+
+
 def progress_printer(total: int, stream=None) -> Callable[[str], None]:
     """One self-overwriting status line on a terminal; elsewhere (a log file, a pipe, CI) one plain line per step
     with the time so far, so that a long run shows in its log where it is."""

@@ -25,7 +25,16 @@ import torch
 from .contenders import RESOLUTION, RESOLUTION_CPU_DEFAULT, RESOLUTION_GPU_DEFAULT
 from .engines import installed
 from .errors import Refused
-from .reporting import DTYPES, check_models, device_name, markdown_table, pyplot, save_figure
+from .reporting import (
+    DTYPES,
+    check_models,
+    cpu_peak_bytes,
+    device_name,
+    markdown_table,
+    pyplot,
+    save_figure,
+    status_kib,
+)
 
 IMPLEMENTATIONS = RESOLUTION
 # How a CPU allocation failure reads in a worker's stderr (PyTorch's allocator, C++, Python).
@@ -97,16 +106,6 @@ def image(num_channels: int, size: int) -> torch.Tensor:
     return torch.randn(1, num_channels, size, size, generator=torch.Generator().manual_seed(size))
 
 
-def _status_kib(field: str, pid: int | str = "self") -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _timed(fn: Callable[[], object], budget_s: float = 2.0, at_most: int = 3) -> float:
     """Median seconds of fn() over up to `at_most` calls, stopping once `budget_s` is spent (at 2048 px a CPU
     forward takes seconds)."""
@@ -129,16 +128,10 @@ def worker(spec: dict) -> dict:
     x = image(channels, spec["resolution"]).to(dtype)
     with torch.inference_mode():
         fn(image(channels, 64).to(dtype))  # thread pools, first-call setup
-        before = _status_kib("VmRSS")
-        try:  # reset the peak to the present, so VmHWM afterwards is this forward's own peak
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        logits = fn(x)
-        peak = _status_kib("VmHWM")
+        logits, peak = cpu_peak_bytes(lambda: fn(x))
         seconds = _timed(lambda: fn(x))
     torch.save(logits.double(), spec["logits_path"])
-    return {"seconds": seconds, "peak_mem_bytes": None if peak is None else max(0, peak - before) * 1024}
+    return {"seconds": seconds, "peak_mem_bytes": peak}
 
 
 def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | None, str]:
@@ -153,7 +146,7 @@ def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | No
 
     def watch():
         while process.poll() is None:
-            rss = _status_kib("VmRSS", process.pid)
+            rss = status_kib("VmRSS", process.pid)
             if rss is not None and rss * 1024 > cap_bytes:
                 over_cap.set()
                 process.kill()

@@ -36,6 +36,7 @@ LAYERS = [
         [
             "cvt_fast.contenders",
             "cvt_fast.engines",
+            "cvt_fast.training_benchmark",
             "cvt_fast.reporting",
             "cvt_fast.benchmark",
             "cvt_fast.resolution",

@@ -185,3 +185,24 @@ def test_a_patched_transformers_model_is_saved_by_trainer_as_its_own(tmp_path):
         transformers.CvtForImageClassification.from_pretrained(tmp_path),
     ):
         assert rel_err(logits(loaded, probe), expected) < 2e-5
+
+
+def test_the_training_benchmark_measures_a_step_against_transformers(tmp_path, capsys):
+    """cvt-fast bench --train on a tiny config: a record per implementation with its speed, what autograd keeps and
+    its gradient error against float64 (transformers' own beside it), written to train.json and train.md."""
+    import json
+
+    from cvt_fast import cli
+
+    config = tmp_path / "tiny.json"
+    config.write_text(cvt_fast.CvtConfig(**{k: v for k, v in CONFIG.items() if "label" not in k}).to_json_string())
+    argv = ["bench", "--train", "--models", str(config), "--sizes", "32", "--batches", "2", "--rounds", "1",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    records = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert [r["implementation"] for r in records] == ["transformers", "cvt_fast"]
+    for r in records:
+        assert r["images_per_s"] > 0 and r["saved_bytes"] > 0 and 0 <= r["grad_err"] < 1e-2, r
+    assert "grad err" in capsys.readouterr().out
+    assert cli.main(["bench", "--train", "--resolutions", "224"]) == 2
+    assert "argument --train: not with --resolutions" in capsys.readouterr().err

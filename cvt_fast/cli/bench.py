@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
     bench.add_argument(
         "--memory-cap-gib", type=positive_number, default=None, help="with --resolutions: the most a point may use"
     )
+    bench.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: a fine-tuning step (forward, backward, AdamW) of cvt_fast against transformers, with peak "
+        "memory and the gradients' error against transformers' (default: cvt-13 at 224 px, batch 8, float32)",
+    )
     bench.set_defaults(func=run)
 
 
@@ -58,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.resolutions and args.train:
+        raise Refused("argument --train: not with --resolutions; they are two benchmarks")
     if args.resolutions:
         return _resolutions(args)
+    if args.train:
+        return _train(args)
     from .. import benchmark
 
     if args.memory_cap_gib is not None:
@@ -106,6 +116,32 @@ def _resolutions(args: argparse.Namespace) -> int:
     if args.out is not None:
         written = [args.out / f"resolution.{ext}" for ext in ("jsonl", "json", "md", "png")]
         print("results written to " + ", ".join(str(p) for p in written if p.exists()))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """A training step against transformers'."""
+    import importlib.util
+
+    from ..reporting import check_models, cpu_description
+    from ..training_benchmark import run_training
+
+    for option in ("implementations", "memory_cap_gib"):
+        if getattr(args, option) is not None:
+            raise Refused(
+                f"argument --{option.replace('_', '-')}: not with --train (it runs transformers and cvt_fast)"
+            )
+    if importlib.util.find_spec("transformers") is None:
+        raise Refused("argument --train: needs transformers, the baseline (pip install transformers)")
+    target = device(args.device)
+    models, sizes = args.models or ["cvt-13"], args.sizes or [224]
+    check_models(models, sizes)
+    batches = args.batches or ([64] if target.type == "cuda" else [8])
+    dtypes = args.dtypes or (["bfloat16"] if target.type == "cuda" else ["float32"])
+    if target.type == "cpu":
+        print(f"on {cpu_description()}")
+    _make_out(args.out)
+    run_training(models, sizes, batches, dtypes, target, min(args.rounds, 3), args.out)
     return 0
 
 
