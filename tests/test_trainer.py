@@ -121,6 +121,7 @@ def test_trainer_settings(setting, tmp_path):
     without, and so does torch_compile=True (inductor: float rounding apart); bf16=True trains under CPU autocast; a
     datasets.Dataset with extra columns is trimmed to the model's inputs (remove_unused_columns, label_names)."""
     train = Images(8, 1)
+    torch._dynamo.reset()  # what earlier tests compiled would make this compile with dynamic shapes (see docs)
     if setting in ("gradient_checkpointing", "torch_compile"):
         plain = transformers.Trainer(model=fresh_model(), args=arguments(tmp_path / "a", num_train_epochs=1,
                                      eval_strategy="no", save_strategy="no"), train_dataset=train)  # fmt: skip
