@@ -34,6 +34,7 @@ from .reporting import (
     progress_printer,
     pyplot,
     save_figure,
+    transformers_twin,
     versions,
 )
 from .reporting import markdown_table as reporting_table
@@ -64,15 +65,6 @@ class Record:
     threads: int | None = None  # CPU threads of every contender (torch's; ONNX Runtime's and OpenVINO's set alike)
 
 
-def _transformers_model(cvt_model: CvtForImageClassification):
-    import transformers
-
-    config = transformers.CvtConfig(**{k: v for k, v in cvt_model.config.to_dict().items() if k != "model_type"})
-    model = transformers.CvtForImageClassification(config)
-    model.load_state_dict(cvt_model.state_dict())
-    return model.eval()
-
-
 def _cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable:
     """fn captured once in a CUDA graph for x's shape: one launch per forward instead of hundreds."""
     static_x = x.clone()
@@ -99,10 +91,10 @@ def _contender(
 ) -> Callable:
     """pixel_values -> logits, for one implementation."""
     if name == "openvino":
-        fn = engines.openvino(model_name, _transformers_model(base), x, dtype)
+        fn = engines.openvino(model_name, transformers_twin(base).eval(), x, dtype)
     elif name.startswith("transformers"):
         cast = name.endswith("-cast")
-        model = _transformers_model(base).to(device=device, dtype=dtype if cast else torch.float32)
+        model = transformers_twin(base).eval().to(device=device, dtype=dtype if cast else torch.float32)
         autocast = dtype != torch.float32 and not cast
 
         def run(x, model=model):
@@ -156,7 +148,7 @@ def _reference_logits(
             return torch.cat([model(part.to(device)).logits.double().cpu() for part in pixel_values.split(chunk)])
 
     try:
-        return logits(_transformers_model(base).to(device)), None
+        return logits(transformers_twin(base).eval().to(device)), None
     except ImportError:
         note = "errors against cvt_fast eager float32 (transformers is not installed)"
     except Exception as error:  # noqa: BLE001 - whatever transformers raises on a config it cannot run

@@ -342,8 +342,9 @@ class CvtEncoder(nn.Module):
     def __init__(self, config: CvtConfig, backend: str = "auto"):
         super().__init__()
         self.stages = nn.ModuleList(CvtStage(config, stage, backend) for stage in range(config.num_stages))
-        for stage in self.stages[1:]:
-            stage.first_layer = stage.first_layer + sum(len(s.layers) for s in self.stages[: stage.stage])
+        first = 0
+        for stage in self.stages:  # layers are counted across stages (gradient checkpointing's every_n_layers)
+            stage.first_layer, first = first, first + len(stage.layers)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithCLSToken:
         all_hidden_states = () if output_hidden_states else None

@@ -34,6 +34,17 @@ def device_name(device: torch.device) -> str:
     return cpu_description()
 
 
+def transformers_twin(model):
+    """transformers' CvtForImageClassification with `model`'s config and a copy of its weights: the baseline every
+    benchmark holds cvt_fast against."""
+    import transformers
+
+    config = transformers.CvtConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
+    twin = transformers.CvtForImageClassification(config)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
 def cpu_description() -> str:
     """The CPU as every CPU figure names it: its model, PyTorch's kernel capability (AVX2, AVX512, ...), native
     bfloat16 or not, and the threads PyTorch uses."""

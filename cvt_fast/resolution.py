@@ -34,6 +34,7 @@ from .reporting import (
     pyplot,
     save_figure,
     status_kib,
+    transformers_twin,
 )
 
 IMPLEMENTATIONS = RESOLUTION
@@ -90,11 +91,7 @@ def build(model_name: str, implementation: str, dtype: torch.dtype, device: torc
             session.run(None, {"pixel_values": x.float().numpy()})[0]
         ), config.num_channels
     if implementation == "transformers":
-        import transformers
-
-        hf_config = transformers.CvtConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
-        model = transformers.CvtForImageClassification(hf_config)
-        model.load_state_dict(base.state_dict())
+        model = transformers_twin(base)
     else:
         model = base
         model.set_backend("eager" if implementation == "cvt_fast-eager" else "triton")

@@ -18,7 +18,7 @@ import torch
 
 from .config import CvtConfig
 from .modeling import CvtForImageClassification
-from .reporting import DTYPES, device_name, markdown_table, versions
+from .reporting import DTYPES, device_name, markdown_table, transformers_twin, versions
 from .testing import randomize_
 
 IMPLEMENTATIONS = ("transformers", "cvt_fast")
@@ -42,15 +42,6 @@ class TrainRecord:
     grad_err: float | None  # against float64 gradients of the same step (see _grad_error)
     threads: int | None = None
     error: str | None = None
-
-
-def _transformers_copy(model: CvtForImageClassification):
-    import transformers
-
-    config = transformers.CvtConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
-    twin = transformers.CvtForImageClassification(config)
-    twin.load_state_dict(model.state_dict())
-    return twin
 
 
 def _step(model, x, labels, dtype, device) -> torch.Tensor:
@@ -122,7 +113,7 @@ def train_case(
     base = randomize_(CvtForImageClassification(config, backend="eager"), generator).to(device).train()
     x = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, max(config.num_labels, 1), (batch,), generator=generator).to(device)
-    models = {"transformers": _transformers_copy(base).to(device).train(), "cvt_fast": base}
+    models = {"transformers": transformers_twin(base).to(device).train(), "cvt_fast": base}
 
     def record(name, **fields):
         return TrainRecord(

@@ -52,6 +52,20 @@ def random_config_kwargs(seed: int, stages: int | None = None, **overrides) -> d
     return kwargs
 
 
+# A small CvT that transformers can run and that trains in a second: two stages, a cls token on the last, no stochastic
+# depth (so that two runs of a training step can be held to equality). head_dim 16 or 32 (the kernels take 32 up).
+TRAINABLE = dict(
+    embed_dim=[32, 64],
+    num_heads=[1, 2],
+    depth=[1, 2],
+    cls_token=[False, True],
+    patch_sizes=[7, 3],
+    patch_stride=[4, 2],
+    patch_padding=[2, 1],
+    drop_path_rate=[0.0, 0.0],
+)
+
+
 def model_pair(config_kwargs: dict, head: bool = True, seed: int = 0):
     """(transformers model, cvt_fast model) with the same random weights and BatchNorm statistics, in eval mode."""
     import transformers

@@ -67,7 +67,8 @@ def test_bfloat16_without_native_support_takes_f_linear_and_says_why(monkeypatch
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps x86 ISAs")
 def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
     """The real refusal, on any x86 CPU: with oneDNN capped at AVX2 its bfloat16 linear raises, so a bfloat16 model
-    must take F.linear there, give the same answer as on a float32 model to bfloat16's accuracy, and say why."""
+    must take F.linear there, be as close to float64 as transformers' bfloat16 model is (2x its error + 1e-2), and say
+    why."""
     script = textwrap.dedent(
         """
         import torch, cvt_fast
@@ -86,12 +87,15 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
                                     stride_q=[1, 1], cls_token=[False, True], mlp_ratio=[4.0, 4.0],
                                     qkv_bias=[True, True], drop_path_rate=[0.0, 0.0])
         model = cvt_fast.CvtForImageClassification(config).eval()
+        theirs = cvt_fast.reporting.transformers_twin(model).eval()
         x = torch.randn(2, 3, 32, 40)
         with torch.inference_mode():
             reference = model.double()(x.double()).logits
             half = model.to(torch.bfloat16)(x.to(torch.bfloat16)).logits
-        error = ((half.double() - reference).abs().max() / reference.abs().max()).item()
-        print("ERROR", error)
+            their_half = theirs.to(torch.bfloat16)(x.to(torch.bfloat16)).logits
+        error = lambda out: ((out.double() - reference).abs().max() / reference.abs().max()).item()
+        print("ERROR", error(half))
+        print("THEIRS", error(their_half))
         print("PATH", cvt_fast.kernel_paths(model)["cvt.encoder.stages.1.layers.0"]["linear"])
         """
     )
@@ -101,7 +105,7 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert lines["REFUSED"] == "yes"  # what the fallback protects against really happens there
     assert lines["PATH"].startswith("F.linear: bfloat16 on a CPU without native bfloat16")
-    assert float(lines["ERROR"]) < 5e-2  # bfloat16 end to end (8 bits of mantissa) against float64
+    assert float(lines["ERROR"]) <= 2 * float(lines["THEIRS"]) + 1e-2  # the bfloat16 rule, transformers' as eager
 
 
 def test_every_edit_reaches_the_next_call_data_included():

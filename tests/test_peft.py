@@ -9,21 +9,11 @@ import torch
 
 import cvt_fast
 
-from helpers import harden_statistics_, model_pair, rel_err
+from helpers import TRAINABLE, harden_statistics_, model_pair, rel_err
 
 peft = pytest.importorskip("peft")
 
-CONFIG = dict(
-    num_labels=4,
-    embed_dim=[32, 64],
-    num_heads=[1, 2],
-    depth=[1, 2],
-    cls_token=[False, True],
-    patch_sizes=[7, 3],
-    patch_stride=[4, 2],
-    patch_padding=[2, 1],
-    drop_path_rate=[0.0, 0.0],
-)
+CONFIG = dict(TRAINABLE, num_labels=4)
 TARGETS = ["projection_query", "projection_value", "dense"]  # q and v, attention output, both MLP linears
 
 

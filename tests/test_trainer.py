@@ -10,7 +10,7 @@ import torch
 
 import cvt_fast
 
-from helpers import rel_err
+from helpers import TRAINABLE, rel_err
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -18,15 +18,9 @@ pytest.importorskip("accelerate")
 from cvt_fast.integrations import SaveConfigCallback  # noqa: E402
 
 CONFIG = dict(
+    TRAINABLE,
+    embed_dim=[16, 32],  # the eager path only: smaller is quicker
     num_labels=3,
-    embed_dim=[16, 32],
-    num_heads=[1, 2],
-    depth=[1, 2],
-    cls_token=[False, True],
-    patch_sizes=[7, 3],
-    patch_stride=[4, 2],
-    patch_padding=[2, 1],
-    drop_path_rate=[0.0, 0.0],
     id2label={0: "cat", 1: "dog", 2: "bird"},
     label2id={"cat": 0, "dog": 1, "bird": 2},
 )
@@ -196,7 +190,9 @@ def test_a_patched_transformers_model_is_saved_by_trainer_as_its_own(tmp_path):
 
 def test_the_training_benchmark_measures_a_step_against_transformers(tmp_path, capsys):
     """cvt-fast bench --train on a tiny config: a record per implementation with its speed, what autograd keeps and
-    its gradient error against float64 (transformers' own beside it), written to train.json and train.md."""
+    its gradient error against float64, written to train.json and train.md. The 1e-2 bound is a sanity bound, not
+    the numerics rule: on a model this small the worst parameter's float32 gradient error was 2.5e-3 for
+    transformers and 6.7e-3 for cvt_fast (SDPA's CPU flash backward; docs/training.md); CvT-13 is documented."""
     import json
 
     from cvt_fast import cli
