@@ -124,7 +124,8 @@ def _run(options: Options, ranks: Ranks, coordinator: Coordinator, out, err) -> 
     try:
         times = coordinator.agree(lambda: _classify_part(model, mine, part, workers, options, ranks, err))
     except KeyboardInterrupt:
-        done = sum(path in finished_results(files) for path in listing.paths)
+        finished = finished_results(files)
+        done = sum(path in finished for path in listing.paths)
         raise KeyboardInterrupt(
             f"{done} of {len(listing.paths)} images are classified (kept in {files.folder}); the same command "
             f"classifies the other {len(listing.paths) - done} and writes {files.output}"
