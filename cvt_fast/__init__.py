@@ -35,6 +35,11 @@ _EXPORTS = {
     "BaseModelOutputWithCLSToken": ".outputs",
     "ImageClassifierOutputWithNoAttention": ".outputs",
     "from_transformers": ".patching",
+    "freeze": ".frozen",
+    "FreezeError": ".frozen",
+    "FrozenCvt": ".frozen",
+    "load_frozen": ".frozen",
+    "PackageMismatchError": ".frozen",
     "patch": ".patching",
     "unpatch": ".patching",
 }
@@ -51,12 +56,17 @@ __all__ = [
     "CvtForImageClassification",
     "CvtModel",
     "CvtPreTrainedModel",
+    "FreezeError",
+    "FrozenCvt",
     "ImageClassifierOutputWithNoAttention",
     "InputError",
     "KernelUnavailableError",
     "PRESETS",
+    "PackageMismatchError",
+    "freeze",
     "from_transformers",
     "kernel_paths",
+    "load_frozen",
     "patch",
     "preset",
     "unpatch",
@@ -74,11 +84,13 @@ _SUBMODULES = (
     "cli",
     "config",
     "contenders",
+    "cpu_target",
     "dataset_inference",
     "engines",
     "errors",
     "export",
     "files",
+    "frozen",
     "hub",
     "image_processing",
     "integrations",
@@ -121,6 +133,7 @@ if TYPE_CHECKING:  # the same names, imported eagerly, for type checkers and edi
         KernelUnavailableError,
         UserError,
     )
+    from .frozen import FreezeError, FrozenCvt, PackageMismatchError, freeze, load_frozen
     from .modeling import CvtForImageClassification, CvtModel, CvtPreTrainedModel, kernel_paths
     from .outputs import BackboneOutput, BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
     from .patching import from_transformers, patch, unpatch

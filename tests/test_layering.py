@@ -30,7 +30,10 @@ LAYERS = [
             "cvt_fast.image_processing",
         ],
     ),
-    ("interop", ["cvt_fast.patching", "cvt_fast.export", "cvt_fast.integrations"]),
+    (
+        "interop",
+        ["cvt_fast.patching", "cvt_fast.export", "cvt_fast.integrations", "cvt_fast.cpu_target", "cvt_fast.frozen"],
+    ),
     (
         "tools",
         [
