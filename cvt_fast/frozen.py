@@ -298,6 +298,42 @@ def freeze(
     return frozen
 
 
+def freeze_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    image_size: int | tuple[int, int] | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    autotune: bool = False,
+    model_class: type | None = None,
+    say=None,
+) -> FrozenCvt:
+    """A checkpoint (a save_pretrained folder or a hub id) frozen for this CPU: loaded as `model_class`, by default
+    its classifier when it has a head, else its base model; its preprocessing stored in the package (and its crop size
+    the default image size). `say(line)`, when given, hears what is being compiled before the minute or two it takes."""
+    from .export import load_for_export
+    from .hub import resolve_checkpoint_dir
+    from .image_processing import PREPROCESSOR_NAME
+
+    checkpoint = resolve_checkpoint_dir(name_or_path)
+    processor = None
+    if (checkpoint / PREPROCESSOR_NAME).is_file():
+        processor = CvtImageProcessor.from_pretrained(checkpoint)
+    if image_size is None:
+        image_size = processor.size if processor is not None else 224
+    model = (
+        load_for_export(checkpoint) if model_class is None else model_class.from_pretrained(checkpoint, device="cpu")
+    )
+    if say is not None:
+        height, width = _image_size(image_size)
+        shape = f"({batch_size}, {model.config.num_channels}, {height}, {width})"
+        say(f"compiling {checkpoint.name} ({type(model).__name__}) for pixel_values {shape} "
+            f"{str(_frozen_dtype(dtype, model)).removeprefix('torch.')} on this CPU (a minute or two"
+            f"{', twice that with autotuning' if autotune else ''})")  # fmt: skip
+    return freeze(model, batch_size=batch_size, image_size=image_size, dtype=dtype, autotune=autotune,
+                  processor=processor)  # fmt: skip
+
+
 def _cvt_fast_model(model: nn.Module) -> nn.Module:
     from .modeling import CvtForImageClassification, CvtModel
 
@@ -473,4 +509,12 @@ def _load_runner(package: Path):
         return torch._inductor.aoti_load_package(str(package))
 
 
-__all__ = ["FreezeError", "FrozenCvt", "PackageMismatchError", "freeze", "load_frozen", "read_package_info"]
+__all__ = [
+    "FreezeError",
+    "FrozenCvt",
+    "PackageMismatchError",
+    "freeze",
+    "freeze_checkpoint",
+    "load_frozen",
+    "read_package_info",
+]

@@ -21,7 +21,12 @@ def add_parser(sub) -> None:
         "resumable, and split across processes under torchrun (torchrun --nproc_per_node N -m cvt_fast classify ...).",
     )
     classify.add_argument("images", nargs="*", help="image files")
-    classify.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    classify.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (save_pretrained) or hub id, or a frozen package (FILE.pt2, from cvt-fast export "
+        "--format pt2) to run on the CPU",
+    )
     classify.add_argument(
         "--input", help="instead of image files: a folder (searched recursively) or a text file of image paths"
     )
@@ -38,6 +43,12 @@ def add_parser(sub) -> None:
     classify.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
     classify.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights and inputs (float32)")
     classify.add_argument(
+        "--compile",
+        action="store_true",
+        help="freeze the checkpoint and compile it for this CPU first (a minute or two), then classify with the "
+        "compiled model (CPU only; float32, or bfloat16 with --dtype)",
+    )
+    classify.add_argument(
         "--overwrite", action="store_true", help="with --input: discard the results of an earlier run and start over"
     )
     classify.set_defaults(func=run)
@@ -48,12 +59,17 @@ DATASET_OPTIONS = ("output", "batch_size", "workers", "overwrite")
 
 def run(args: argparse.Namespace) -> int:
     _check_classify_form(args)
+    package = is_package(args.model)
+    if package or args.compile:
+        _check_frozen_options(args, package)
     try:
         import PIL  # noqa: F401
     except ImportError:
         raise Refused("needs Pillow: pip install pillow") from None
     if args.input is not None:
-        return _classify_dataset(args)
+        return _classify_dataset(args, package)
+    if package or args.compile:
+        return _classify_files_frozen(args, package)
     import torch
 
     from ..hub import resolve_checkpoint_dir
@@ -69,12 +85,86 @@ def run(args: argparse.Namespace) -> int:
     _check_image_sizes(images, model.config)
     for path, pixel_values in images:
         with torch.inference_mode():
-            probabilities = model(pixel_values.to(model.device, model.dtype)).logits.float().softmax(-1)[0]
-        top = probabilities.topk(min(args.top_k, probabilities.numel()))
-        print(path)
-        for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            print(f"  {p:7.2%}  {model.config.id2label.get(index, f'LABEL_{index}')}")
+            logits = model(pixel_values.to(model.device, model.dtype)).logits
+        _print_top(path, logits[0], model.config, args.top_k)
     return 0
+
+
+def is_package(model: str) -> bool:
+    """--model names a frozen package (FILE.pt2) rather than a checkpoint."""
+    return str(model).endswith(".pt2")
+
+
+def _check_frozen_options(args: argparse.Namespace, package: bool) -> None:
+    """A package, or --compile: compiled code on the CPU, with no backend to choose."""
+    what = f"--model {args.model}" if package else "--compile"
+    if package and args.compile:
+        raise Refused(f"argument --compile: {args.model} is a package, compiled already")
+    if args.device is not None and args.device != "cpu":
+        raise Refused(f"argument --device: {what} runs compiled code on the CPU, not on {args.device}")
+    if args.backend is not None:
+        raise Refused(f"argument --backend: {what} runs compiled code, which has no backend to choose")
+    if args.compile and args.dtype == "float16":
+        raise Refused("argument --dtype: --compile takes float32 or bfloat16")
+
+
+def _classify_files_frozen(args: argparse.Namespace, package: bool) -> int:
+    """Image files through a frozen model: a package, or the checkpoint compiled now for these images."""
+    import torch
+
+    if package:
+        frozen = _load_package(args)
+        processor = frozen.processor or _default_processor(args.model)
+        images = _read_images(args.images, processor)
+    else:
+        from ..hub import resolve_checkpoint_dir
+
+        checkpoint = resolve_checkpoint_dir(args.model)
+        processor = _processor(checkpoint, args.model)
+        images = _read_images(args.images, processor)
+        _check_one_size(images)
+        frozen = compile_checkpoint(checkpoint, min(len(images), 32), images[0][1].shape[-2:], args.dtype)
+    _check_frozen_sizes(images, frozen)
+    for start in range(0, len(images), frozen.batch_size):
+        chunk = images[start : start + frozen.batch_size]
+        with torch.inference_mode():
+            logits = frozen(torch.cat([pixels for _, pixels in chunk]).to(frozen.dtype)).logits
+        for (path, _), row in zip(chunk, logits, strict=True):
+            _print_top(path, row, frozen.config, args.top_k)
+    return 0
+
+
+def _load_package(args: argparse.Namespace):
+    from ..frozen import load_frozen
+
+    frozen = load_frozen(args.model)
+    if args.dtype is not None and args.dtype != str(frozen.dtype).removeprefix("torch."):
+        raise Refused(f"argument --dtype: {args.model} was compiled for {frozen.dtype}, not {args.dtype}")
+    if frozen.info.model_class != "CvtForImageClassification":
+        raise Refused(f"{args.model} holds a {frozen.info.model_class}, which has no classifier head")
+    return frozen
+
+
+def compile_checkpoint(checkpoint: Path, batch_size: int, image_size, dtype: str | None, err=None):
+    """The checkpoint frozen and compiled for this CPU, saying so on `err` while it takes its minute or two."""
+    from ..frozen import freeze_checkpoint
+    from ..modeling import CvtForImageClassification
+
+    err = err if err is not None else sys.stderr
+    frozen = freeze_checkpoint(
+        checkpoint, batch_size=batch_size, image_size=tuple(image_size), dtype=dtype or "float32",
+        model_class=CvtForImageClassification, say=lambda line: print(line, file=err, flush=True),
+    )  # fmt: skip
+    print(f"compiled in {frozen.info.compile_s:.0f} s", file=err, flush=True)
+    return frozen
+
+
+def _print_top(path: str, logits, config, top_k: int) -> None:
+    probabilities = logits.float().softmax(-1)
+    top = probabilities.topk(min(top_k, probabilities.numel()))
+    print(path)
+    for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        print(f"  {p:7.2%}  {config.id2label.get(index, f'LABEL_{index}')}")
 
 
 def _check_classify_form(args: argparse.Namespace) -> None:
@@ -102,14 +192,35 @@ def _check_classify_form(args: argparse.Namespace) -> None:
         raise Refused("argument --input: needs --output, the JSON-lines file for the results (e.g. results.jsonl)")
 
 
-def _classify_dataset(args: argparse.Namespace) -> int:
+def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
     """A folder or a list of images into a JSON-lines file, in this process or in each of torchrun's."""
     import torch
 
     from ..dataset_inference import Options, classify_dataset
     from ..hub import resolve_checkpoint_dir
 
-    backend = check_backend(args.backend)
+    if package:
+        frozen = _load_package(args)
+        if args.batch_size is not None and args.batch_size != frozen.batch_size:
+            raise Refused(f"argument --batch-size: {args.model} was compiled for batches of {frozen.batch_size} "
+                          f"(export it again with --batch-size {args.batch_size})")  # fmt: skip
+        return classify_dataset(
+            Options(
+                source=args.input,
+                output=args.output,
+                checkpoint=Path(args.model),
+                processor=frozen.processor or _default_processor(args.model),
+                batch_size=frozen.batch_size,
+                workers=args.workers,
+                top_k=args.top_k,
+                device="cpu",
+                backend="frozen",
+                dtype=frozen.dtype,
+                overwrite=args.overwrite,
+                frozen=frozen,
+            )  # fmt: skip
+        )
+    backend = "compiled" if args.compile else check_backend(args.backend)
     checkpoint = resolve_checkpoint_dir(args.model)
     options = Options(
         source=args.input,
@@ -123,20 +234,48 @@ def _classify_dataset(args: argparse.Namespace) -> int:
         backend=backend,
         dtype=getattr(torch, args.dtype or "float32"),
         overwrite=args.overwrite,
+        compile=args.compile,
     )
     return classify_dataset(options)
 
 
 def _processor(checkpoint: Path, name: str):
-    from ..image_processing import DEFAULT_PREPROCESSING, PREPROCESSOR_NAME, CvtImageProcessor
+    from ..image_processing import PREPROCESSOR_NAME, CvtImageProcessor
 
     if (checkpoint / PREPROCESSOR_NAME).is_file():
         return CvtImageProcessor.from_pretrained(checkpoint)
+    return _default_processor(name)
+
+
+def _default_processor(name: str):
+    from ..image_processing import DEFAULT_PREPROCESSING, PREPROCESSOR_NAME, CvtImageProcessor
+
     if first_rank():
         print(
             f"note: {name} has no {PREPROCESSOR_NAME}; using CvT's default ({DEFAULT_PREPROCESSING})", file=sys.stderr
         )
     return CvtImageProcessor()
+
+
+def _check_one_size(images: list[tuple[str, object]]) -> None:
+    """--compile compiles for one image size: the preprocessed images must all have it."""
+    sizes = {tuple(pixels.shape[-2:]) for _, pixels in images}
+    if len(sizes) > 1:
+        listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+        raise Refused(f"argument --compile: the images come out of preprocessing in several sizes ({listed}); a "
+                      "compiled model takes one")  # fmt: skip
+
+
+def _check_frozen_sizes(images: list[tuple[str, object]], frozen) -> None:
+    height, width = frozen.image_size
+    problems = [
+        f"{path}: after preprocessing it is {pixels.shape[-2]}x{pixels.shape[-1]}, but the package was compiled for "
+        f"{height}x{width}"
+        for path, pixels in images
+        if tuple(pixels.shape[-2:]) != (height, width)
+    ]
+    if problems:
+        raise Refused(*problems)
 
 
 def _read_images(paths: list[str], processor) -> list[tuple[str, object]]:

@@ -94,28 +94,16 @@ def _pt2(args: argparse.Namespace) -> int:
         raise Refused(f"argument --output: {args.output} should end in .pt2 (a torch AOTInductor package)")
     if args.image_size is not None and len(args.image_size) > 2:
         raise Refused(f"argument --image-size: one size or a height and a width, got {len(args.image_size)} numbers")
-    from ..export import load_for_export
-    from ..frozen import freeze
-    from ..hub import resolve_checkpoint_dir
-    from ..image_processing import PREPROCESSOR_NAME, CvtImageProcessor
+    from ..frozen import freeze_checkpoint
 
-    checkpoint = resolve_checkpoint_dir(args.model)
-    processor = None
-    if (checkpoint / PREPROCESSOR_NAME).is_file():
-        processor = CvtImageProcessor.from_pretrained(checkpoint)
-    image_size = args.image_size or [processor.size if processor is not None else 224]
-    model = load_for_export(checkpoint)
-    shape = f"({args.batch_size or 1}, {model.config.num_channels}, {image_size[0]}, {image_size[-1]})"
-    duration = "a minute or two" + (", twice that with --autotune" if args.autotune else "")
-    print(f"compiling {type(model).__name__} for pixel_values {shape} {args.dtype or 'float32'} on this CPU "
-          f"({duration})", file=sys.stderr, flush=True)  # fmt: skip
-    frozen = freeze(
-        model,
+    sizes = args.image_size
+    frozen = freeze_checkpoint(
+        args.model,
         batch_size=args.batch_size or 1,
-        image_size=tuple(image_size) if len(image_size) == 2 else image_size[0],
+        image_size=None if sizes is None else tuple(sizes) if len(sizes) == 2 else sizes[0],
         dtype=args.dtype or "float32",
         autotune=args.autotune,
-        processor=processor,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
     )
     frozen.save(args.output)
     checked = ", ".join(f"{name} {error:.1e}" for name, error in frozen.info.validation.items())

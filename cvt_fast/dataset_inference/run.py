@@ -39,6 +39,8 @@ class Options:
     backend: str  # resolved: "auto", "eager" or "triton"
     dtype: torch.dtype
     overwrite: bool = False
+    frozen: Any = None  # a FrozenCvt loaded from a package (then `checkpoint` is the package's path)
+    compile: bool = False  # freeze and compile the checkpoint for this CPU before classifying
 
 
 def resolve_device(name: str | None, ranks: Ranks) -> torch.device:
@@ -108,7 +110,7 @@ def _run(options: Options, ranks: Ranks, coordinator: Coordinator, out, err) -> 
     if first:
         for note in listing.notes + notes:
             print(f"note: {note}", file=err)
-    model = coordinator.agree(lambda: _load(options, device))
+    model = coordinator.agree(lambda: _load(options, device, err))
     # Every rank reads what is finished before any rank appends (agree() is a barrier): the same view, the same split.
     earlier, remaining, part = coordinator.agree(lambda: _finished_and_part(files, listing, ranks))
     mine = shard(remaining, ranks.rank, ranks.world_size)
@@ -146,7 +148,9 @@ def _look(options: Options, ranks: Ranks):
     listing = list_images(options.source)
     check_output(options.output, options.source, listing.paths)
     device = resolve_device(options.device, ranks)
-    if not (options.checkpoint / "config.json").is_file():
+    if (options.frozen is not None or options.compile) and device.type != "cpu":
+        raise Refused(f"argument --device: a compiled model runs on the CPU, not on {device}")
+    if options.frozen is None and not (options.checkpoint / "config.json").is_file():
         raise Refused(f"{options.checkpoint} has no config.json")
     with _as_refusals():
         _check_preprocessed_size(options)
@@ -158,13 +162,34 @@ def _look(options: Options, ranks: Ranks):
     return listing, device, record
 
 
-def _load(options: Options, device: torch.device):
+def _load(options: Options, device: torch.device, err):
     from ..modeling import CvtForImageClassification
 
+    if options.frozen is not None:
+        return options.frozen
     with _as_refusals():
+        if options.compile:
+            return _compile(options, err)
         return CvtForImageClassification.from_pretrained(
             options.checkpoint, backend=options.backend, device=device, dtype=options.dtype
         )
+
+
+def _compile(options: Options, err):
+    """The checkpoint frozen for this CPU, at the preprocessed size and the batch size of the run."""
+    from ..frozen import freeze_checkpoint
+    from ..modeling import CvtForImageClassification
+
+    size = options.processor.size
+    if not options.processor.do_resize:
+        raise Refused("argument --compile: the preprocessing keeps each image's own size (do_resize false), but a "
+                      "compiled model takes one size")  # fmt: skip
+    frozen = freeze_checkpoint(
+        options.checkpoint, batch_size=options.batch_size, image_size=size, dtype=options.dtype,
+        model_class=CvtForImageClassification, say=lambda line: print(line, file=err, flush=True),
+    )  # fmt: skip
+    print(f"compiled in {frozen.info.compile_s:.0f} s", file=err, flush=True)
+    return frozen
 
 
 @contextlib.contextmanager
@@ -187,6 +212,12 @@ def _check_preprocessed_size(options: Options) -> None:
     processor = options.processor
     if not processor.do_resize:
         return  # sizes vary with the images; each batch is checked
+    if options.frozen is not None:
+        height, width = options.frozen.image_size
+        if (processor.size, processor.size) != (height, width):
+            raise Refused(f"preprocessing makes every image {processor.size} px square, but {options.checkpoint} was "
+                          f"compiled for {height}x{width}")  # fmt: skip
+        return
     config = CvtConfig.from_json_file(options.checkpoint / "config.json")
     try:
         check_image_size(config, processor.size, processor.size)

@@ -24,9 +24,12 @@ def run_record(checkpoint: Path, processor, source: str, top_k: int, dtype: torc
     from ..image_processing import PREPROCESSOR_NAME
     from ..loading import weight_files
 
-    files = [checkpoint / "config.json", *weight_files(checkpoint)]
-    if (checkpoint / PREPROCESSOR_NAME).is_file():
-        files.append(checkpoint / PREPROCESSOR_NAME)
+    if checkpoint.is_file():  # a frozen package: config, weights and preprocessing in one file
+        files = [checkpoint]
+    else:
+        files = [checkpoint / "config.json", *weight_files(checkpoint)]
+        if (checkpoint / PREPROCESSOR_NAME).is_file():
+            files.append(checkpoint / PREPROCESSOR_NAME)
     record = {
         "format": RECORD_FORMAT,
         "input": os.path.abspath(source),
