@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import CvtConfig, preset_named
-from .contenders import THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
+from .contenders import BASELINE, ENGINES, THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
 from .engines import INSTALL, Engines, installed, openvino_native_bfloat16
 from .errors import Refused
 from .modeling import CvtForImageClassification
@@ -33,6 +33,7 @@ from .reporting import (
     device_name,
     progress_printer,
     pyplot,
+    quiet_transformers,
     save_figure,
     transformers_twin,
     versions,
@@ -61,8 +62,19 @@ class Record:
     ref64_err: float | None
     error: str | None = None
     note: str | None = None
-    compile_s: float | None = None  # torch.compile or CUDA graph capture, first call included; apart from the timing
+    compile_s: float | None = None  # torch.compile, freezing or CUDA graph capture, first call included; not timed
     threads: int | None = None  # CPU threads of every contender (torch's; ONNX Runtime's and OpenVINO's set alike)
+    rel_err: float | None = None  # max_err relative to the largest reference logit
+    rule: str | None = None  # "pass" or "FAIL": rel_err against its dtype's rule (RULES)
+    spread: float | None = None  # CPU: (slowest - fastest) / median of the per-round times
+
+
+# The numerics rule each contender's logits are held to, relative to the largest float32 reference logit: float32
+# within 2e-5 of transformers; a half precision within twice the eager path's own error in that dtype plus a floor.
+FLOAT32_RULE = 2e-5
+HALF_FLOOR = {"float16": 1e-3, "bfloat16": 1e-2}
+# The eager path in a half precision, like for like (weights cast), whose error sets the allowance; first found wins.
+EAGER_IN_DTYPE = ("cvt_fast-eager", "transformers-eager-cast", "transformers-eager")
 
 
 def _cuda_graphed(fn: Callable, x: torch.Tensor) -> Callable:
@@ -105,6 +117,15 @@ def _contender(
         fn = torch.compile(run, dynamic=False) if name.endswith("compile") else run
     elif name == "onnxruntime":
         fn = engines.onnxruntime(model_name, base)
+    elif name == "onnxruntime-transformers":
+        fn = engines.onnxruntime_transformers(model_name, transformers_twin(base))
+    elif name == "cvt_fast-frozen":
+        frozen = engines.frozen(model_name, base, x)
+
+        def fn(x, frozen=frozen):
+            return frozen(x).logits
+
+        fn.frozen = frozen  # what it compiled, for its record
     else:
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
         model.set_backend("eager" if name.startswith("cvt_fast-eager") else "triton")
@@ -184,6 +205,7 @@ def bench_case(
     with torch.inference_mode():  # how far float32 itself is from float64, on a couple of images
         reference64 = copy.deepcopy(base).double()(pixel_values[:2].double()).logits
     ref64_err = (reference[:2] - reference64).abs().max().item()
+    reference_scale = max(reference.abs().max().item(), 1e-30)
 
     x = pixel_values.to(device=device, dtype=dtype)
     inputs = _input_sets(x)
@@ -214,8 +236,10 @@ def bench_case(
     for name in implementations:
         if name == "transformers-eager-cast" and dtype == torch.float32:
             continue  # the same as transformers-eager
-        if name == "onnxruntime" and (dtype != torch.float32 or device.type != "cpu"):
-            continue  # the export is float32, and runs on ONNX Runtime's CPU provider
+        if name.startswith("onnxruntime") and (dtype != torch.float32 or device.type != "cpu"):
+            continue  # the exports are float32, and run on ONNX Runtime's CPU provider
+        if name == "cvt_fast-frozen" and (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"):
+            continue  # compiled for the CPU, in float32 or bfloat16
         if name == "openvino" and (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"):
             continue
         if name == "openvino" and dtype == torch.bfloat16 and not openvino_native_bfloat16():
@@ -233,6 +257,9 @@ def bench_case(
                 torch.cuda.synchronize(device)
             compiled = name.endswith(("compile", "cudagraph"))
             compile_s = time.perf_counter() - start if compiled else None
+            frozen = getattr(fn, "frozen", None)
+            if frozen is not None:  # compiled once, perhaps for an earlier case: its own compile time
+                compile_s = frozen.info.compile_s
             peak = None
             if device.type == "cuda":  # a steady-state call: weights, graph pools and its own activations
                 torch.cuda.reset_peak_memory_stats(device)
@@ -242,7 +269,12 @@ def bench_case(
                 peak = torch.cuda.max_memory_allocated(device) - allocated_before
             err = (logits.double().cpu() - reference).abs().max().item()
             note = "the float32 reference" if name == "transformers-eager" and dtype == torch.float32 else None
-            record(name, max_err=err, peak_mem_bytes=peak, note=note, compile_s=compile_s)
+            if frozen is not None and frozen.info.dynamic_batch:
+                note = f"one package for batches 1 to {frozen.batch_size}"
+            if not torch.isfinite(logits).all():
+                err = float("nan")
+            rel_err = err / reference_scale
+            record(name, max_err=err, peak_mem_bytes=peak, note=note, compile_s=compile_s, rel_err=rel_err)
             contenders[name] = fn
         except Exception as error:  # one contender failing (out of memory, say) must not stop the rest
             record(name, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
@@ -261,28 +293,50 @@ def bench_case(
         # runs a short block whose first call is not counted: the thread pools of torch, ONNX Runtime and OpenVINO
         # each take a call to get going after another's, which would otherwise be charged to whoever runs next.
         times: dict[str, list[float]] = {name: [] for name in contenders}
+        per_round: dict[str, list[float]] = {name: [] for name in contenders}
         with torch.inference_mode():  # each contender has been called twice already: warm
             for r in range(rounds):
                 progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
                 for name, fn in contenders.items():
+                    block = []
                     for call in range(CPU_BLOCK):
                         start = time.perf_counter()
                         fn(inputs[r % len(inputs)])
                         if call > 0:
-                            times[name].append(time.perf_counter() - start)
+                            block.append(time.perf_counter() - start)
+                    times[name] += block
+                    per_round[name].append(statistics.mean(block))
         for name, samples in times.items():
             seconds = statistics.median(samples)
             records[name].ms_per_batch, records[name].images_per_s = seconds * 1e3, batch / seconds
+            rounds_s = per_round[name]
+            records[name].spread = (max(rounds_s) - min(rounds_s)) / statistics.median(rounds_s)
+    for r in records.values():  # every error is known now, the eager path's in this dtype among them
+        if r.rel_err is not None:
+            r.rule = _rule(dtype_name, r.rel_err, records)
+    if device.type == "cpu":
+        for name in contenders:
             final(name)
     return [records[name] for name in implementations if name in records]
+
+
+def _rule(dtype_name: str, rel_err: float, records: dict[str, Record]) -> str:
+    """ "pass" or "FAIL" for a relative error: FLOAT32_RULE in float32; in a half precision twice the eager path's
+    error in that dtype (EAGER_IN_DTYPE, from the same case; without one, only the floor) plus HALF_FLOOR."""
+    if dtype_name == "float32":
+        allowed = FLOAT32_RULE
+    else:
+        eager = next((records[n].rel_err for n in EAGER_IN_DTYPE if n in records and records[n].rel_err), 0.0)
+        allowed = 2 * eager + HALF_FLOOR[dtype_name]
+    return "pass" if rel_err <= allowed else "FAIL"  # a NaN error fails
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------
 
 
-def markdown_table(records: list[Record], baseline: str = "transformers-eager") -> str:
-    header = ["model", "size", "batch", "dtype", "implementation", "images/s", f"vs {baseline}", "peak MiB", "max err",
-              "compile s"]  # fmt: skip
+def markdown_table(records: list[Record], baseline: str = BASELINE) -> str:
+    header = ["model", "size", "batch", "dtype", "implementation", "images/s", "spread", f"vs {baseline}", "peak MiB",
+              "max err", "rel err", "rule", "compile s"]  # fmt: skip
     by_case: dict[tuple, dict[str, Record]] = {}
     for r in records:
         by_case.setdefault((r.model, r.image_size, r.batch, r.dtype), {})[r.implementation] = r
@@ -293,8 +347,10 @@ def markdown_table(records: list[Record], baseline: str = "transformers-eager") 
         ratio = f"{r.images_per_s / base.images_per_s:.2f}x" if r.images_per_s and base and base.images_per_s else "-"
         mem = f"{r.peak_mem_bytes / 2**20:.0f}" if r.peak_mem_bytes else "-"
         compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
-        rows.append((r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, ratio, mem,
-                     _error_text(r) or "-", compile_s))  # fmt: skip
+        spread = f"{r.spread:.0%}" if r.spread is not None else "-"
+        rel = f"{r.rel_err:.1e}" if r.rel_err is not None else "-"
+        rows.append((r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, spread, ratio, mem,
+                     _error_text(r) or "-", rel, r.rule or "-", compile_s))  # fmt: skip
     return reporting_table(header, rows)
 
 
@@ -367,7 +423,7 @@ def run(
     ]
     progress = progress_printer(len(cases))
     records: list[Record] = []
-    engines = Engines()  # an engine built for a model serves its every case
+    engines = Engines(batches)  # an engine built for a model serves its every case
     on_record = None
     if out_dir is not None:  # every record appended the moment it is final: a run stopped midway keeps them
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,19 +436,14 @@ def run(
 
     for index, (model, size, batch, dtype) in enumerate(cases, 1):
         progress.state["case"] = index  # type: ignore[attr-defined]
-        case_records = bench_case(
-            model, size, batch, dtype, implementations, device, rounds, progress, on_record, engines
-        )
+        with quiet_transformers():
+            case_records = bench_case(
+                model, size, batch, dtype, implementations, device, rounds, progress, on_record, engines
+            )
         records.extend(case_records)
         progress.clear()  # type: ignore[attr-defined]
         for r in case_records:
-            speed = f"{r.images_per_s:8.1f} images/s" if r.images_per_s else f"error: {r.error}"
-            err = _error_text(r, prefix="max err ")
-            compile_s = f"  (compile {r.compile_s:.1f} s)" if r.compile_s is not None else ""
-            print(
-                f"{model} {size}px batch {batch:>3} {dtype:>8}  {r.implementation:<24} {speed}  {err}{compile_s}",
-                flush=True,
-            )
+            print(f"{model} {size}px batch {batch:>3} {dtype:>8}  {_contender_line(r)}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if out_dir is not None:
@@ -400,7 +451,20 @@ def run(
         print(f"results written to {', '.join(map(str, written))}")
         if out_dir / "bench.png" not in written:
             print(f"no {out_dir / 'bench.png'}: the plot needs matplotlib (pip install matplotlib)")
+    else:
+        print("results not saved (--out DIR writes bench.json, bench.md and bench.png)")
     return records
+
+
+def _contender_line(r: Record) -> str:
+    """One contender of a case: speed and its spread between rounds, error and its rule, compile time apart."""
+    if not r.images_per_s:
+        return f"{r.implementation:<24} error: {r.error}" if r.error else f"{r.implementation:<24} -"
+    spread = f" ±{r.spread / 2:.0%}" if r.spread is not None else ""
+    rule = f" [{r.rule}]" if r.rule else ""
+    compile_s = f"  (compile {r.compile_s:.1f} s)" if r.compile_s is not None else ""
+    speed = f"{r.images_per_s:8.1f} images/s{spread:<5}"
+    return f"{r.implementation:<24} {speed}  {_error_text(r, 'max err ')}{rule}{compile_s}"
 
 
 # ---- what a run measures ------------------------------------------------------------------------------------
@@ -489,20 +553,41 @@ def _implementations(requested: list[str] | None, device: torch.device, notes: l
     return chosen
 
 
-def print_ratios(records: list[Record], baseline: str = "transformers-eager") -> None:
-    """One sentence per contender: its speed against the baseline of its case, and its error beside it."""
+def print_summary(records: list[Record], baseline: str = BASELINE) -> None:
+    """Per case, what a user came to learn: the fastest contender whose error is within its dtype's rule, and
+    cvt_fast's fastest against the fastest engine and the baseline; then every contender outside its rule, named."""
     print()
+    cases: dict[tuple, list[Record]] = {}
     for r in records:
-        if r.implementation == baseline or not r.images_per_s:
-            continue
-        case = (r.model, r.image_size, r.batch, r.dtype)
-        base = next(
-            (b for b in records if b.implementation == baseline and (b.model, b.image_size, b.batch, b.dtype) == case),
-            None,
-        )
-        if base and base.images_per_s:
-            print(
-                f"{r.model} {r.image_size}px batch {r.batch} {r.dtype}: {r.implementation} is "
-                f"{r.images_per_s / base.images_per_s:.2f}x {baseline}; its logits are within {r.max_err:.1e} of "
-                f"the float32 reference (which is itself within {r.ref64_err:.1e} of float64)"
-            )
+        cases.setdefault((r.model, r.image_size, r.batch, r.dtype), []).append(r)
+    for (model, size, batch, dtype), case in cases.items():
+        correct = [r for r in case if r.images_per_s and r.rule == "pass"]
+        where = f"{model} {size}px batch {batch} {dtype}"
+        if not correct:
+            print(f"{where}: no contender was timed within its rule")
+        else:
+            best = max(correct, key=lambda r: r.images_per_s)
+            ours = [r for r in correct if r.implementation.startswith("cvt_fast")]
+            line = f"{where}: fastest within its error rule: {best.implementation}, {best.images_per_s:.1f} images/s"
+            if ours:
+                fastest_ours = max(ours, key=lambda r: r.images_per_s)
+                if fastest_ours is not best:
+                    line += f"; cvt_fast's fastest: {fastest_ours.implementation}, {fastest_ours.images_per_s:.1f}"
+                line += _against(fastest_ours, correct, baseline)
+            print(line)
+        for r in case:
+            if r.rule == "FAIL":
+                print(f"{where}: {r.implementation} is outside the {dtype} rule (relative error {r.rel_err:.1e})")
+
+
+def _against(r: Record, correct: list[Record], baseline: str) -> str:
+    """r's speed as a ratio to the fastest engine and to the baseline, among the contenders within their rule."""
+    engines = [e for e in correct if e.implementation in ENGINES]
+    parts = []
+    if engines:
+        engine = max(engines, key=lambda e: e.images_per_s)
+        parts.append(f"{r.images_per_s / engine.images_per_s:.2f}x the fastest engine ({engine.implementation})")
+    base = next((b for b in correct if b.implementation == baseline), None)
+    if base is not None and base is not r:
+        parts.append(f"{r.images_per_s / base.images_per_s:.2f}x {baseline}")
+    return f" ({', '.join(parts)})" if parts else ""

@@ -1,11 +1,15 @@
-"""The inference engines the benchmarks hold cvt_fast against on the CPU: ONNX Runtime on cvt_fast's ONNX export, and
-OpenVINO on transformers' model with the same weights. Each uses as many threads as torch does, is built once per
-model (Engines keeps what was built) and returns logits as a torch tensor."""
+"""The inference engines the benchmarks hold cvt_fast against on the CPU: ONNX Runtime on cvt_fast's ONNX export and
+on transformers' own (as optimum exports it), and OpenVINO on transformers' model with the same weights. Each uses
+as many threads as torch does, is built once per model (Engines keeps what was built) and returns logits as a torch
+tensor."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +22,9 @@ INSTALL = {
     "onnxruntime": "pip install onnx onnxscript 'onnxruntime>=1.22'",
     "openvino": "pip install openvino (in a clone: pip install -e '.[openvino]')",
 }
+# transformers' model through torch.onnx's TorchScript exporter, which optimum's ONNX export drives: opset 17 has
+# LayerNormalization as one node.
+TRANSFORMERS_ONNX_OPSET = 17
 
 
 def installed(engine: str) -> bool:
@@ -32,43 +39,90 @@ def openvino_native_bfloat16() -> bool:
     return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-class Engines:
-    """What each engine built, by model name: an ONNX Runtime session (its export has dynamic batch, height and
-    width, so one serves every case of a model), an OpenVINO model (reshaped and compiled per case)."""
+def onnxruntime_session(path: str | Path):
+    """ONNX Runtime's CPU provider on `path`, with torch's thread count, graph optimisations on (the default), and
+    no spinning: its threads would otherwise spin after each run on the cores the next contender needs."""
+    import onnxruntime
 
-    def __init__(self):
-        self._onnx_sessions: dict[str, object] = {}
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_transformers_onnx(transformers_model: torch.nn.Module, path: Path, num_channels: int) -> None:
+    """transformers' classifier as ONNX the way optimum users get it: torch.onnx.export's TorchScript exporter,
+    float32, dynamic batch (its attention stays MatMul + Softmax over the full score matrix)."""
+    example = torch.randn(1, num_channels, 224, 224)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            _Logits(transformers_model.float().eval()), (example,), str(path), dynamo=False,
+            opset_version=TRANSFORMERS_ONNX_OPSET, input_names=["pixel_values"], output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+        )  # fmt: skip
+
+
+class Engines:
+    """What each compiled contender built, by model name: ONNX Runtime sessions (the exports have a dynamic batch, so
+    one serves every case of a model), OpenVINO models (reshaped and compiled per case), and cvt_fast's frozen
+    packages (one per model, image size and dtype: for the batch when the run has one, else for any batch up to the
+    run's largest, so that a run of several batches pays one compile, not one per batch)."""
+
+    def __init__(self, batches: list[int] | None = None):
+        self._onnx_sessions: dict[tuple[str, str], object] = {}
         self._openvino_models: dict[str, object] = {}
+        self._frozen: dict[tuple, object] = {}
+        self._batches = sorted(set(batches or []))
+
+    def frozen(self, model_name: str, base, x: torch.Tensor):
+        """cvt_fast.freeze of `base` for x's image size and dtype (see the class)."""
+        from .frozen import freeze
+
+        several = len(self._batches) > 1 and x.shape[0] in self._batches
+        batch_size = self._batches[-1] if several else x.shape[0]
+        key = (model_name, tuple(x.shape[1:]), x.dtype, batch_size, several)
+        if key not in self._frozen:
+            self._frozen[key] = freeze(
+                base, batch_size=batch_size, image_size=tuple(x.shape[-2:]), dtype=x.dtype, dynamic_batch=several
+            )
+        return self._frozen[key]
 
     def onnxruntime(self, model_name: str, base) -> Callable[[torch.Tensor], torch.Tensor]:
-        """ONNX Runtime (CPU provider, graph optimisations on) on cvt_fast's float32 export of `base`."""
+        """ONNX Runtime on cvt_fast's float32 export of `base` (fused attention nodes)."""
+        from .export import export_onnx
+
+        def export(path: Path) -> None:
+            export_onnx(base, path, validate=False)  # the benchmark measures the error itself
+
+        return self._session(("cvt_fast", model_name), export)
+
+    def onnxruntime_transformers(self, model_name: str, transformers_model) -> Callable[[torch.Tensor], torch.Tensor]:
+        """ONNX Runtime on transformers' own float32 export (export_transformers_onnx)."""
+        num_channels = transformers_model.config.num_channels
+        return self._session(
+            ("transformers", model_name), lambda path: export_transformers_onnx(transformers_model, path, num_channels)
+        )
+
+    def _session(self, key: tuple[str, str], export: Callable[[Path], None]) -> Callable[[torch.Tensor], torch.Tensor]:
         if not installed("onnxruntime"):
             raise MissingDependencyError(
                 f"onnxruntime needs onnx, onnxscript and onnxruntime: {INSTALL['onnxruntime']}"
             )
-        import onnxruntime
-
-        from .export import export_onnx
-
-        if model_name not in self._onnx_sessions:
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            # Its threads would otherwise spin after each run, on the cores the next contender needs.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if key not in self._onnx_sessions:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.onnx"
-                export_onnx(base, path, validate=False)  # the benchmark measures the error itself
-                self._onnx_sessions[model_name] = onnxruntime.InferenceSession(
-                    str(path), options, providers=["CPUExecutionProvider"]
-                )
-        session = self._onnx_sessions[model_name]
+                export(path)
+                self._onnx_sessions[key] = onnxruntime_session(path)
+        session = self._onnx_sessions[key]
         return lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.float().numpy()})[0])
 
     def openvino(
         self, model_name: str, transformers_model, x: torch.Tensor, dtype: torch.dtype
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """OpenVINO (CPU plugin, latency hint) on transformers' float32 model, its shape fixed to x's; bfloat16 through
-        OpenVINO's inference precision (its autocast), only where the CPU computes it natively."""
+        OpenVINO's inference precision (its autocast), only where the CPU computes it natively. The precision is
+        always given: left to itself, OpenVINO runs bfloat16 on a CPU that has it even when float32 was meant."""
         if not installed("openvino"):
             raise MissingDependencyError(f"openvino needs openvino and transformers: {INSTALL['openvino']}")
         import openvino

@@ -74,6 +74,7 @@ class FrozenInfo:
     torch_version: str
     cvt_fast_version: str
     autotune: bool
+    dynamic_batch: bool = False  # any batch up to input_shape[0] runs as it is (else smaller ones are padded)
     processor: dict | None = None  # the image processor's settings, when freeze was given one
     # Known to the process that froze it (not stored in the package): compile seconds, and the errors against
     # float64 it was checked with.
@@ -85,7 +86,8 @@ class FrozenInfo:
             "format": FORMAT, "model_class": self.model_class, "outputs": self.outputs,
             "input_shape": list(self.input_shape), "dtype": str(self.dtype).removeprefix("torch."),
             "config": self.config.to_dict(), "target": self.target.as_dict(), "torch": self.torch_version,
-            "cvt_fast": self.cvt_fast_version, "autotune": self.autotune, "processor": self.processor,
+            "cvt_fast": self.cvt_fast_version, "autotune": self.autotune, "dynamic_batch": self.dynamic_batch,
+            "processor": self.processor,
         })  # fmt: skip
 
     @classmethod
@@ -101,6 +103,7 @@ class FrozenInfo:
             torch_version=data["torch"],
             cvt_fast_version=data["cvt_fast"],
             autotune=bool(data["autotune"]),
+            dynamic_batch=bool(data.get("dynamic_batch", False)),
             processor=data.get("processor"),
         )
 
@@ -110,8 +113,8 @@ class FrozenCvt:
 
     Call it like the model it was frozen from: `frozen(pixel_values)` returns the same output type (logits; or the
     last hidden state and cls token), for pixel_values of the frozen dtype, channels, height and width, and a batch of
-    at most `batch_size` images (a smaller batch runs padded to `batch_size`: the same answers, at the cost of a full
-    batch). Anything else is refused with the frozen shape named.
+    at most `batch_size` images (a smaller batch runs padded to `batch_size`, the same answers at the cost of a full
+    batch, unless it was frozen with dynamic_batch). Anything else is refused with the frozen shape named.
 
     A snapshot: edits to the model after freezing do not reach it; freeze again to take them. Inference only: no
     gradients flow through it, and it has no .train(), .to() or parameters."""
@@ -153,8 +156,9 @@ class FrozenCvt:
     def __repr__(self) -> str:
         info = self.info
         batch, channels, height, width = info.input_shape
+        batches = f"1 to {batch}" if info.dynamic_batch and batch > 1 else str(batch)
         return (
-            f"FrozenCvt({info.model_class}, pixel_values ({batch}, {channels}, {height}, {width}) "
+            f"FrozenCvt({info.model_class}, pixel_values ({batches}, {channels}, {height}, {width}) "
             f"{str(info.dtype).removeprefix('torch.')}, compiled for {info.target.describe()} with torch "
             f"{info.torch_version}; a snapshot: edits to the model after freezing do not reach it)"
         )
@@ -165,9 +169,9 @@ class FrozenCvt:
         count = self._check(pixel_values)
         batch, channels, height, width = self.info.input_shape
         x = pixel_values.contiguous()
-        if count < batch:  # per-image computation in eval mode: padding rows change nothing in the others
+        if count < batch and not self.info.dynamic_batch:  # per-image in eval mode: padding changes no other row
             x = torch.cat((x, x.new_zeros(batch - count, channels, height, width)))
-        outputs = [t[:count] if count < batch else t for t in self._runner([x])]
+        outputs = [t[:count] for t in self._runner([x])]
         fields = dict(zip(self.info.outputs, outputs, strict=True))
         if self.info.model_class == "CvtForImageClassification":
             result = ImageClassifierOutputWithNoAttention(logits=fields["logits"])
@@ -245,6 +249,7 @@ def freeze(
     image_size: int | tuple[int, int] = 224,
     dtype: torch.dtype | str | None = None,
     autotune: bool = False,
+    dynamic_batch: bool = False,
     processor: CvtImageProcessor | None = None,
 ) -> FrozenCvt:
     """Compile a snapshot of `model` (a cvt_fast or transformers CvtForImageClassification / CvtModel, in eval mode,
@@ -252,8 +257,9 @@ def freeze(
     bfloat16), on this CPU. The model is left as it was: it is copied, and the copy is cast.
 
     autotune: also let inductor time its own C++ GEMM templates (AMX micro-kernels in bfloat16) against oneDNN's for
-    every matrix product, keeping the faster; compiling takes about twice as long. processor: stored in the package,
-    for whoever loads it to preprocess images as the checkpoint does.
+    every matrix product, keeping the faster; compiling takes about twice as long. dynamic_batch: compile for any
+    batch from 1 to batch_size (no padding; the code cannot specialise on the batch, which can cost speed).
+    processor: stored in the package, for whoever loads it to preprocess images as the checkpoint does.
 
     The compiled model is checked before it is returned: on two of the example images, its error against float64
     must be within twice the eager path's in the same dtype plus a floor, else FreezeError."""
@@ -281,11 +287,13 @@ def freeze(
         info = FrozenInfo(
             model_class=type(model).__name__, outputs=names, input_shape=tuple(example.shape), dtype=dtype,
             config=config.copy(), target=target, torch_version=torch.__version__, cvt_fast_version=_version(),
-            autotune=autotune, processor=processor.to_dict() if processor is not None else None,
+            autotune=autotune, dynamic_batch=dynamic_batch and batch_size > 1,
+            processor=processor.to_dict() if processor is not None else None,
         )  # fmt: skip
         package = folder / "cvt_frozen.pt2"
         with torch.no_grad(), _quiet(), _inductor_cache_for(target):  # freezing folds constants only without grad
-            program = torch.export.export(traced, (example,))
+            dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=batch_size)}}
+            program = torch.export.export(traced, (example,), dynamic_shapes=dynamic if info.dynamic_batch else None)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(package), inductor_configs=_inductor_configs(info, autotune)
             )
@@ -305,6 +313,7 @@ def freeze_checkpoint(
     image_size: int | tuple[int, int] | None = None,
     dtype: torch.dtype | str = torch.float32,
     autotune: bool = False,
+    dynamic_batch: bool = False,
     model_class: type | None = None,
     say=None,
 ) -> FrozenCvt:
@@ -331,7 +340,7 @@ def freeze_checkpoint(
             f"{str(_frozen_dtype(dtype, model)).removeprefix('torch.')} on this CPU (a minute or two"
             f"{', twice that with autotuning' if autotune else ''})")  # fmt: skip
     return freeze(model, batch_size=batch_size, image_size=image_size, dtype=dtype, autotune=autotune,
-                  processor=processor)  # fmt: skip
+                  dynamic_batch=dynamic_batch, processor=processor)  # fmt: skip
 
 
 def _cvt_fast_model(model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ import contextlib
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,6 +44,27 @@ def transformers_twin(model):
     twin = transformers.CvtForImageClassification(config)
     twin.load_state_dict(model.state_dict())
     return twin
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own notices while the benchmarks build and convert its model (a deprecated attribute read by the
+    converters, the default loss it picks for a config without one) say nothing about the figures: hidden."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def cpu_description() -> str:

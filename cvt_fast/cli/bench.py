@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         chosen.models, chosen.sizes, chosen.batches, chosen.dtypes, chosen.implementations, chosen.device,
         args.rounds, args.out,
     )  # fmt: skip
-    benchmark.print_ratios(records)
+    benchmark.print_summary(records)
     return 0
 
 
