@@ -292,17 +292,19 @@ def freeze(
         )  # fmt: skip
         package = folder / "cvt_frozen.pt2"
         with torch.no_grad(), _quiet(), _inductor_cache_for(target):  # freezing folds constants only without grad
-            dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=batch_size)}}
-            program = torch.export.export(traced, (example,), dynamic_shapes=dynamic if info.dynamic_batch else None)
+            dynamic = None
+            if info.dynamic_batch:
+                dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=batch_size)}}
+            program = torch.export.export(traced, (example,), dynamic_shapes=dynamic)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(package), inductor_configs=_inductor_configs(info, autotune)
             )
         info.compile_s = time.perf_counter() - start
         frozen = FrozenCvt(_load_runner(package), info, package, owned_folder=folder)
+        info.validation = _validate(frozen, snapshot, example)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # nothing half-made is left behind, whatever failed
         raise
-    info.validation = _validate(frozen, snapshot, example)
     return frozen
 
 

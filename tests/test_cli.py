@@ -80,7 +80,8 @@ def test_bench_short_run_writes_records(tmp_path):
         "--implementations", "transformers-eager", "cvt_fast-eager", "--dtypes", "float32", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "cvt_fast-eager is" in result.stdout and "within" in result.stdout
+    summary = result.stdout.split("fastest within its error rule: ", 1)[1]  # the case's summary line
+    assert "cvt_fast-eager" in summary and "x transformers-eager" in summary
     # stderr is a pipe here, as in CI and GPU sessions: a plain progress line per step, not a terminal's status line
     progress = [line for line in result.stderr.splitlines() if line.startswith("[1/1, ")]
     assert [line.split("] ", 1)[1] for line in progress] == [
@@ -100,6 +101,7 @@ def test_bench_short_run_writes_records(tmp_path):
     assert {r["implementation"] for r in records} == {"transformers-eager", "cvt_fast-eager"}
     for r in records:
         assert r["images_per_s"] > 0 and r["max_err"] < 1e-4 and r["batch"] == 2 and r["image_size"] == 48
+        assert r["rule"] == "pass" and r["rel_err"] <= 2e-5 and r["spread"] >= 0
     assert "| cvt_fast-eager |" in (tmp_path / "out" / "bench.md").read_text()
 
 
