@@ -290,3 +290,84 @@ def test_the_compile_uses_an_inductor_cache_of_this_cpu_target(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/of/mine")
     with frozen_module._inductor_cache_for(target):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/of/mine"
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cvt_fast", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_images(pair, tmp_path_factory):
+    """A checkpoint with its own preprocessing (32 px crops) and five images of assorted sizes."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("cli")
+    pair[1].save_pretrained(folder / "ckpt")
+    cvt_fast.image_processing.CvtImageProcessor(size=32, crop_pct=0.8).save_pretrained(folder / "ckpt")
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    for i, shape in enumerate([(40, 50, 3), (64, 33, 3), (37, 37, 3), (90, 60, 3), (45, 45, 3)]):
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    return folder
+
+
+def test_export_pt2_then_classify_gives_the_checkpoint_s_answers(checkpoint_and_images):
+    folder = checkpoint_and_images
+    package = folder / "cvt.pt2"
+    made = run_cli("export", "--model", str(folder / "ckpt"), "--format", "pt2", "--output", str(package),
+                   "--batch-size", "2")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "compiling ckpt (CvtForImageClassification) for pixel_values (2, 3, 32, 32) float32" in made.stderr
+    assert f"wrote {package}" in made.stdout and "checked against float64" in made.stdout
+    assert frozen_module.read_package_info(package).processor["size"] == {"shortest_edge": 32}
+
+    images = sorted(str(p) for p in (folder / "images").iterdir())  # 5 images: the last batch of 2 is padded
+    eager = run_cli("classify", "--model", str(folder / "ckpt"), "--top-k", "3", *images)
+    frozen = run_cli("classify", "--model", str(package), "--top-k", "3", *images)
+    assert eager.returncode == 0 and frozen.returncode == 0, eager.stderr + frozen.stderr
+    assert frozen.stdout == eager.stdout  # labels and scores to the printed 0.01%
+
+    results = folder / "results.jsonl"
+    run = run_cli("classify", "--model", str(package), "--input", str(folder / "images"), "--output", str(results),
+                  "--workers", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["path"] for line in lines] == images and all("labels" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--compile"], "is a package, compiled already"),
+        (["--backend", "eager"], "runs compiled code, which has no backend to choose"),
+        (["--device", "cuda"], "runs compiled code on the CPU"),
+    ],
+)
+def test_classify_refuses_what_a_package_cannot_do(tmp_path, capsys, extra, message):
+    from cvt_fast.cli import main
+
+    assert main(["classify", "--model", str(tmp_path / "cvt.pt2"), *extra, "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--format", "pt2", "--output", "cvt.onnx"], "should end in .pt2"),
+        (["--format", "pt2", "--output", "cvt.pt2", "--attention", "onnx"], "only with --format onnx"),
+        (["--output", "cvt.onnx", "--dtype", "bfloat16"], "only with --format pt2"),
+        (["--format", "pt2", "--output", "cvt.pt2", "--image-size", "1", "2", "3"], "one size or a height and a width"),
+    ],
+)
+def test_export_refuses_options_of_the_other_format(tmp_path, capsys, monkeypatch, extra, message):
+    from cvt_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--model", "ckpt", *extra]) == 2
+    assert message in capsys.readouterr().err
