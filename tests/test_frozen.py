@@ -65,12 +65,16 @@ def test_float32_is_transformers_within_the_parity_rule(pair, frozen_f32):
     assert actual.shape == expected.shape and actual.dtype == torch.float32
     assert torch.isfinite(actual).all() and rel_err(actual, expected) < 2e-5
     assert frozen.info.validation["logits"] < 2e-5  # what freeze checked it with
+    assert frozen._runner._weights is not None  # its weights copied out of AOTInductor's block (the fast way)
 
 
 def test_a_smaller_batch_runs_padded_with_the_same_answers(frozen_f32):
     frozen, _ = frozen_f32
     x = images()
     full = frozen(x).logits
+    kept = full.clone()
+    frozen(images(seed=9))
+    assert torch.equal(full, kept)  # an output is the caller's: the next call does not write into it
     for count in (1, 2):
         assert torch.equal(frozen(x[:count]).logits, full[:count])
 
