@@ -118,7 +118,7 @@ def _contender(
     elif name == "onnxruntime":
         fn = engines.onnxruntime(model_name, base)
     elif name == "onnxruntime-transformers":
-        fn = engines.onnxruntime_transformers(model_name, transformers_twin(base))
+        fn = engines.onnxruntime_transformers(model_name, transformers_twin(base), x)
     elif name == "cvt_fast-frozen":
         frozen = engines.frozen(model_name, base, x)
 
@@ -529,7 +529,7 @@ def _implementations(requested: list[str] | None, device: torch.device, notes: l
         chosen = list(THROUGHPUT_GPU_DEFAULT)
     else:  # the CPU's contenders: cvt_fast's eager path, and the engines (the Triton kernels need CUDA)
         chosen = list(THROUGHPUT_CPU_DEFAULT)
-    for engine in ("onnxruntime", "openvino"):
+    for engine in ENGINES:
         if engine in chosen and not installed(engine):
             if requested:
                 raise Refused(f"argument --implementations: {engine} is not installed ({INSTALL[engine]})")

@@ -20,6 +20,7 @@ from .errors import MissingDependencyError
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL = {
     "onnxruntime": "pip install onnx onnxscript 'onnxruntime>=1.22'",
+    "onnxruntime-transformers": "pip install onnx onnxscript 'onnxruntime>=1.22' transformers",
     "openvino": "pip install openvino (in a clone: pip install -e '.[openvino]')",
 }
 # transformers' model through torch.onnx's TorchScript exporter, which optimum's ONNX export drives: opset 17 has
@@ -28,7 +29,11 @@ TRANSFORMERS_ONNX_OPSET = 17
 
 
 def installed(engine: str) -> bool:
-    packages = ONNX_PACKAGES if engine == "onnxruntime" else ("openvino", "transformers")
+    """Whether an engine contender ("onnxruntime", "onnxruntime-transformers", "openvino") can run here."""
+    if engine.startswith("onnxruntime"):
+        packages = ONNX_PACKAGES + (("transformers",) if engine == "onnxruntime-transformers" else ())
+    else:
+        packages = ("openvino", "transformers")
     return all(importlib.util.find_spec(name) is not None for name in packages)
 
 
@@ -50,10 +55,11 @@ def onnxruntime_session(path: str | Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_transformers_onnx(transformers_model: torch.nn.Module, path: Path, num_channels: int) -> None:
+def export_transformers_onnx(transformers_model: torch.nn.Module, path: Path, image_shape: tuple[int, ...]) -> None:
     """transformers' classifier as ONNX the way optimum users get it: torch.onnx.export's TorchScript exporter,
-    float32, dynamic batch (its attention stays MatMul + Softmax over the full score matrix)."""
-    example = torch.randn(1, num_channels, 224, 224)
+    float32, for (channels, height, width) `image_shape` and any batch (its attention stays MatMul + Softmax over the
+    full score matrix)."""
+    example = torch.randn(1, *image_shape)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(
@@ -70,7 +76,7 @@ class Engines:
     run's largest, so that a run of several batches pays one compile, not one per batch)."""
 
     def __init__(self, batches: list[int] | None = None):
-        self._onnx_sessions: dict[tuple[str, str], object] = {}
+        self._onnx_sessions: dict[tuple, object] = {}
         self._openvino_models: dict[str, object] = {}
         self._frozen: dict[tuple, object] = {}
         self._batches = sorted(set(batches or []))
@@ -97,14 +103,16 @@ class Engines:
 
         return self._session(("cvt_fast", model_name), export)
 
-    def onnxruntime_transformers(self, model_name: str, transformers_model) -> Callable[[torch.Tensor], torch.Tensor]:
-        """ONNX Runtime on transformers' own float32 export (export_transformers_onnx)."""
-        num_channels = transformers_model.config.num_channels
+    def onnxruntime_transformers(
+        self, model_name: str, transformers_model, x: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """ONNX Runtime on transformers' own float32 export (export_transformers_onnx), for x's image size."""
+        shape = tuple(x.shape[1:])
         return self._session(
-            ("transformers", model_name), lambda path: export_transformers_onnx(transformers_model, path, num_channels)
+            ("transformers", model_name, shape), lambda path: export_transformers_onnx(transformers_model, path, shape)
         )
 
-    def _session(self, key: tuple[str, str], export: Callable[[Path], None]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _session(self, key: tuple, export: Callable[[Path], None]) -> Callable[[torch.Tensor], torch.Tensor]:
         if not installed("onnxruntime"):
             raise MissingDependencyError(
                 f"onnxruntime needs onnx, onnxscript and onnxruntime: {INSTALL['onnxruntime']}"

@@ -170,6 +170,43 @@ def test_cpu_benchmark_runs_the_compiled_path_and_the_engines(tmp_path, monkeypa
                                 lambda _: None) == []  # fmt: skip
 
 
+def test_cpu_benchmark_freezes_once_for_every_batch_and_judges_each_error(tmp_path, monkeypatch, capsys):
+    """The frozen path and ONNX Runtime on transformers' own export: one package serves both batches of the run
+    (compiled once, its compile time on both records), every error is judged against its dtype's rule, and a
+    contender whose logits are off is named as outside it, never as the fastest."""
+    from cvt_fast import benchmark
+    from cvt_fast.engines import Engines
+
+    config = tmp_path / "tiny.json"
+    config.write_text(cvt_fast.CvtConfig(**CONFIG).to_json_string())
+    names = ["transformers-eager", "cvt_fast-eager", "cvt_fast-frozen", "onnxruntime-transformers"]
+    real_contender = benchmark._contender
+
+    def off_by_a_little(name, *args):  # a planted bug: the eager path 1e-3 off (relative), far over float32's 2e-5
+        fn = real_contender(name, *args)
+        return (lambda x: fn(x) * (1 + 1e-3)) if name == "cvt_fast-eager" else fn
+
+    monkeypatch.setattr(benchmark, "_contender", off_by_a_little)
+    engines = Engines([1, 2])
+    records = []
+    for batch in (1, 2):
+        records += benchmark.bench_case(str(config), 48, batch, "float32", names, torch.device("cpu"), 2,
+                                        lambda _: None, engines=engines)  # fmt: skip
+    frozen = [r for r in records if r.implementation == "cvt_fast-frozen"]
+    assert len(engines._frozen) == 1 and frozen[0].compile_s == frozen[1].compile_s > 0
+    assert all(r.note == "one package for batches 1 to 2" and r.rel_err < 2e-5 for r in frozen)
+    for r in records:
+        assert r.error is None and r.images_per_s > 0 and r.spread >= 0, r
+        assert r.rule == ("FAIL" if r.implementation == "cvt_fast-eager" else "pass"), r
+    benchmark.print_summary(records)
+    summary = capsys.readouterr().out
+    assert "cvt_fast-eager is outside the float32 rule (relative error 1.0e-03)" in summary
+    assert (
+        summary.count("fastest within its error rule: ") == 2
+        and "fastest within its error rule: cvt_fast-eager" not in summary
+    )
+
+
 def test_bench_threads_reach_every_contender(tmp_path):
     """--threads N: torch, ONNX Runtime and OpenVINO all run on N threads, and the record says so."""
     config = tmp_path / "tiny.json"

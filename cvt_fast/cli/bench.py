@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
         help=f"a subset of: {', '.join(THROUGHPUT)}; with --resolutions: {', '.join(RESOLUTION)}",
     )
     bench.add_argument("--device", default=None)
-    bench.add_argument("--rounds", type=at_least_one, default=4, help="interleaved timing rounds on the CPU (default 4)")
+    bench.add_argument(
+        "--rounds", type=at_least_one, default=4, help="interleaved timing rounds on the CPU (default 4)"
+    )
     bench.add_argument(
         "--threads",
         type=at_least_one,
