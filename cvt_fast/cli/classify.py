@@ -123,7 +123,7 @@ def _classify_files_frozen(args: argparse.Namespace, package: bool) -> int:
         processor = _processor(checkpoint, args.model)
         images = _read_images(args.images, processor)
         _check_one_size(images)
-        frozen = compile_checkpoint(checkpoint, min(len(images), 32), images[0][1].shape[-2:], args.dtype)
+        frozen = _compile_checkpoint(checkpoint, min(len(images), 32), images[0][1].shape[-2:], args.dtype)
     _check_frozen_sizes(images, frozen)
     for start in range(0, len(images), frozen.batch_size):
         chunk = images[start : start + frozen.batch_size]
@@ -145,7 +145,7 @@ def _load_package(args: argparse.Namespace):
     return frozen
 
 
-def compile_checkpoint(checkpoint: Path, batch_size: int, image_size, dtype: str | None, err=None):
+def _compile_checkpoint(checkpoint: Path, batch_size: int, image_size, dtype: str | None, err=None):
     """The checkpoint frozen and compiled for this CPU, saying so on `err` while it takes its minute or two."""
     from ..frozen import freeze_checkpoint
     from ..modeling import CvtForImageClassification
