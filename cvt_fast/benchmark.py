@@ -189,9 +189,9 @@ def bench_case(
     on_record: Callable[[Record], None] | None = None,
     engines: Engines | None = None,
 ) -> list[Record]:
-    """One case, every implementation; on_record(record) as soon as a record is final (on CUDA, after each
-    contender's timing; on the CPU, where the contenders run interleaved, at the end). `engines` keeps the engines
-    built for earlier cases of the same model."""
+    """One case, every implementation; on_record(record) as soon as a record is timed (on CUDA, after each
+    contender's timing, before the case's rules are known: the returned records carry them; on the CPU, where the
+    contenders run interleaved, at the end, rules included). `engines` keeps what was built for earlier cases."""
     engines = engines if engines is not None else Engines()
     dtype = DTYPES[dtype_name]
     found = versions()
