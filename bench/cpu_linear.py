@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cvt_fast.benchmark import cpu_description
+from cvt_fast.tools.benchmark import cpu_description
 
 # (tokens per image, in features, out features, times per CvT-13 forward at 224 px): per stage the q/k/v and output
 # projections (q has all tokens, k and v a quarter), then the MLP's two linears.

@@ -162,8 +162,8 @@ def stage_models(out: Path, rehearse: bool, budget_s: float) -> None:
     to models.jsonl as soon as its case finishes."""
     from dataclasses import asdict
 
-    from cvt_fast.benchmark import bench_case
-    from cvt_fast.contenders import THROUGHPUT_GPU_DEFAULT as GPU_DEFAULT
+    from cvt_fast.tools.benchmark import bench_case
+    from cvt_fast.tools.contenders import THROUGHPUT_GPU_DEFAULT as GPU_DEFAULT
 
     deadline = time.monotonic() + budget_s
     with tempfile.TemporaryDirectory() as folder:
@@ -202,7 +202,7 @@ def stage_train(out: Path, rehearse: bool) -> None:
     stay within what the device tool brings back."""
     from dataclasses import asdict
 
-    from cvt_fast.training_benchmark import train_case
+    from cvt_fast.tools.training_benchmark import train_case
 
     with tempfile.TemporaryDirectory() as folder:
         if rehearse:
@@ -220,8 +220,8 @@ def stage_train(out: Path, rehearse: bool) -> None:
 
 
 def stage_resolution(out: Path, rehearse: bool) -> None:
-    """cvt_fast.resolution: transformers, cvt_fast eager and triton, float32 and bfloat16, 224 to 2048 px."""
-    from cvt_fast import resolution
+    """cvt_fast.tools.resolution: transformers, cvt_fast eager and triton, float32 and bfloat16, 224 to 2048 px."""
+    from cvt_fast.tools import resolution
 
     with tempfile.TemporaryDirectory() as folder:
         if rehearse:  # CPU points in fresh processes, as `cvt-fast bench --resolutions` runs them there

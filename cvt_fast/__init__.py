@@ -74,19 +74,14 @@ __all__ = [
 ]
 
 
-# `import cvt_fast` then `cvt_fast.ops.clear_fold_cache()` worked when this file imported everything: still does.
-# (cvt_fast.dispatch moved into cvt_fast.ops.dispatch, and its oneDNN half into cvt_fast.ops.cpu.)
+# Modules reachable as attributes (`cvt_fast.ops.clear_fold_cache()` without importing cvt_fast.ops first).
 _SUBMODULES = (
     "backbone",
-    "benchmark",
     "checkpointing",
     "checks",
     "cli",
     "config",
-    "contenders",
     "cpu_target",
-    "dataset_inference",
-    "engines",
     "errors",
     "export",
     "files",
@@ -100,16 +95,20 @@ _SUBMODULES = (
     "ops",
     "outputs",
     "patching",
-    "reporting",
-    "resolution",
     "testing",
-    "training_benchmark",
+    "tools",
 )
+# The tools moved into cvt_fast.tools; their old attribute names still lead there.
+_MOVED = {
+    name: f"tools.{name}"
+    for name in ("benchmark", "contenders", "dataset_inference", "engines", "reporting", "resolution",
+                 "training_benchmark")
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+    if name in _SUBMODULES or name in _MOVED:
+        return importlib.import_module(f".{_MOVED.get(name, name)}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'cvt_fast' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import cvt_fast
-from cvt_fast import benchmark, cli, reporting
+from cvt_fast import cli
 from cvt_fast.testing import randomize_
+from cvt_fast.tools import benchmark, reporting
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
@@ -108,7 +109,7 @@ def test_bench_short_run_writes_records(tmp_path):
 def test_bench_measures_configs_transformers_cannot_run(tmp_path):
     """A stage no deeper than its index crashes transformers' CvT; cvt_fast runs it, so the benchmark measures it,
     its errors against cvt_fast's own float32 eager model, and says so."""
-    from cvt_fast.benchmark import bench_case
+    from cvt_fast.tools.benchmark import bench_case
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"depth": [1, 1], "embed_dim": [16, 32], "num_heads": [1, 2], "model_type": "cvt"}))
@@ -483,7 +484,7 @@ def test_every_module_is_reachable_from_the_package():
 
     package = Path(cvt_fast.__file__).parent
     modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
-    modules |= {p.parent.name for p in package.glob("*/__init__.py")}  # subpackages (dataset_inference)
+    modules |= {p.parent.name for p in package.glob("*/__init__.py")}  # subpackages (cli, ops, tools)
     assert set(cvt_fast._SUBMODULES) == modules | {"kernels"}
     assert sorted(cvt_fast.__all__) == sorted(cvt_fast._EXPORTS)
 

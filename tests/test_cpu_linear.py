@@ -87,7 +87,7 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
                                     stride_q=[1, 1], cls_token=[False, True], mlp_ratio=[4.0, 4.0],
                                     qkv_bias=[True, True], drop_path_rate=[0.0, 0.0])
         model = cvt_fast.CvtForImageClassification(config).eval()
-        theirs = cvt_fast.reporting.transformers_twin(model).eval()
+        theirs = cvt_fast.tools.reporting.transformers_twin(model).eval()
         x = torch.randn(2, 3, 32, 40)
         with torch.inference_mode():
             reference = model.double()(x.double()).logits

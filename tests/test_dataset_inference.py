@@ -21,10 +21,10 @@ import torch
 
 import cvt_fast
 from cvt_fast import cli
-from cvt_fast import dataset_inference as di
-from cvt_fast.dataset_inference import loader
 from cvt_fast.image_processing import CvtImageProcessor
 from cvt_fast.testing import randomize_
+from cvt_fast.tools import dataset_inference as di
+from cvt_fast.tools.dataset_inference import loader
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -190,7 +190,7 @@ def test_torn_and_damaged_lines_are_dropped_on_repair(tmp_path):
 def test_a_merge_that_fails_midway_leaves_the_previous_output_and_the_parts(tmp_path, monkeypatch):
     """OUTPUT is written beside its final name and renamed: a failure while writing (a full disk) leaves the previous
     OUTPUT whole and the part files in place, so that a rerun can finish."""
-    from cvt_fast.dataset_inference import results
+    from cvt_fast.tools.dataset_inference import results
 
     files = results.RunFiles(tmp_path / "results.jsonl")
     files.folder.mkdir()
@@ -591,7 +591,7 @@ SLOW_RANKS = """
 import os, sys, time
 from pathlib import Path
 from cvt_fast import cli
-from cvt_fast.dataset_inference import model_loop
+from cvt_fast.tools.dataset_inference import model_loop
 
 Path(sys.argv[1], f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
 real = model_loop.classify_batch
@@ -671,7 +671,7 @@ def test_ctrl_c_says_how_far_the_run_got_and_the_same_command_goes_on(workspace,
     argv = ["classify", "--model", str(root / "ckpt"), "--input", str(root / "images"), "--output", str(output),
             "--batch-size", "1", "--workers", "0"]  # fmt: skip
     slow = (  # each image takes a while to decode, so that the interrupt lands midway
-        "import sys, time\nfrom cvt_fast.dataset_inference import loader\nreal = loader.read_pixel_values\n"
+        "import sys, time\nfrom cvt_fast.tools.dataset_inference import loader\nreal = loader.read_pixel_values\n"
         "loader.read_pixel_values = lambda path, processor: (time.sleep(0.2), real(path, processor))[1]\n"
         f"from cvt_fast.cli import main\nsys.exit(main({argv!r}))\n"
     )

@@ -144,8 +144,9 @@ def test_cpu_benchmark_runs_the_compiled_path_and_the_engines(tmp_path, monkeypa
     """`cvt-fast bench` on the CPU: cvt_fast under torch.compile, ONNX Runtime on the export and OpenVINO on
     transformers' model, each timed with its error against the float32 reference beside it, their preparation
     (compile) reported apart, and the threads named. An engine is built once per model: two batch sizes, one export."""
-    from cvt_fast import benchmark, export
-    from cvt_fast.engines import Engines
+    from cvt_fast import export
+    from cvt_fast.tools import benchmark
+    from cvt_fast.tools.engines import Engines
 
     pytest.importorskip("openvino")
     exports = []
@@ -174,8 +175,8 @@ def test_cpu_benchmark_freezes_once_for_every_batch_and_judges_each_error(tmp_pa
     """The frozen path and ONNX Runtime on transformers' own export: one package serves both batches of the run
     (compiled once, its compile time on both records), every error is judged against its dtype's rule, and a
     contender whose logits are off is named as outside it, never as the fastest."""
-    from cvt_fast import benchmark
-    from cvt_fast.engines import Engines
+    from cvt_fast.tools import benchmark
+    from cvt_fast.tools.engines import Engines
 
     config = tmp_path / "tiny.json"
     config.write_text(cvt_fast.CvtConfig(**CONFIG).to_json_string())
@@ -227,8 +228,8 @@ def test_bench_threads_reach_every_contender(tmp_path):
 def test_cpu_defaults_follow_the_machine(monkeypatch):
     import importlib.util
 
-    from cvt_fast import benchmark, contenders, reporting
     from cvt_fast.ops import cpu
+    from cvt_fast.tools import benchmark, contenders, reporting
 
     cpu_plan = benchmark.plan(torch.device("cpu"))
     assert cpu_plan.implementations == list(contenders.THROUGHPUT_CPU_DEFAULT)

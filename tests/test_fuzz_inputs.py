@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import cvt_fast  # noqa: E402
-from cvt_fast import CheckpointError, ConfigError, CvtConfig, CvtForImageClassification, benchmark, cli  # noqa: E402
+from cvt_fast import CheckpointError, ConfigError, CvtConfig, CvtForImageClassification, cli  # noqa: E402
 from cvt_fast.checks import check_image_size  # noqa: E402
 from cvt_fast.config import STAGE_INTEGER_MINIMUM, STAGE_PARAMETERS  # noqa: E402
 from cvt_fast.testing import randomize_  # noqa: E402
+from cvt_fast.tools import benchmark  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")  # mlp_ratio 0
 
@@ -373,7 +374,7 @@ def run_main(argv: list[str]) -> tuple[int, list[str]]:
 def nothing_runs():
     message = "the benchmark ran or the model loaded, though an argument was bad"
     return mock.patch.multiple(
-        "cvt_fast.benchmark", run=mock.Mock(side_effect=AssertionError(message))
+        "cvt_fast.tools.benchmark", run=mock.Mock(side_effect=AssertionError(message))
     ), mock.patch.object(CvtForImageClassification, "from_pretrained", side_effect=AssertionError(message))
 
 

@@ -10,8 +10,9 @@ from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 
 import cvt_fast
-from cvt_fast import ops, resolution
+from cvt_fast import ops
 from cvt_fast.testing import randomize_
+from cvt_fast.tools import resolution
 
 
 def attention_ops(model, x, train):
@@ -59,7 +60,7 @@ def test_sdpa_chooses_flash_for_cvt13_stages_at_2048_px(stage, dtype):
 
 def test_cvt_fast_at_768_px_stays_under_a_bound_transformers_cannot_meet(tmp_path):
     """A fresh process, one 768 px image, float32: the forward's peak resident memory over what the process held
-    before, run as the benchmark runs each CPU point (`python -m cvt_fast.resolution --worker`). transformers'
+    before, run as the benchmark runs each CPU point (`python -m cvt_fast.tools.resolution --worker`). transformers'
     first stage alone materialises a (192*192) x (96*96) float32 score matrix, 1.36 GB, and
     its softmax a second one; cvt_fast measured +0.22 GiB here (the benchmark has the figures)."""
     bound = 1 * 2**30

@@ -36,15 +36,7 @@ LAYERS = [
     ),
     (
         "tools",
-        [
-            "cvt_fast.contenders",
-            "cvt_fast.engines",
-            "cvt_fast.training_benchmark",
-            "cvt_fast.reporting",
-            "cvt_fast.benchmark",
-            "cvt_fast.resolution",
-            "cvt_fast.dataset_inference.*",
-        ],
+        ["cvt_fast.tools", "cvt_fast.tools.*"],
     ),
     ("cli", ["cvt_fast.cli.*", "cvt_fast.__main__"]),
 ]

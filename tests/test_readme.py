@@ -48,14 +48,37 @@ def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped (hyphens and underscores kept),
+    spaces as hyphens; a repeated heading gets -1, -2, ..."""
+    found: set[str] = set()
+    in_code = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        anchor, count = slug, 0
+        while anchor in found:
+            count += 1
+            anchor = f"{slug}-{count}"
+        found.add(anchor)
+    return found
+
+
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: p.name)
 def test_relative_links_lead_somewhere(page):
+    """Every relative link leads to a file that exists and, when it names an anchor, to a heading of that file."""
     text = page.read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if target.startswith(("http://", "https://", "#", "mailto:")):
+        if target.startswith(("http://", "https://", "mailto:")):
             continue
-        path = (page.parent / target.split("#", 1)[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
         assert path.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{page.name} links to {target}, but {path.name} has no such heading"
 
 
 def test_every_docs_page_is_linked_from_the_readme():

@@ -1,5 +1,5 @@
-"""`cvt-fast bench`: throughput against transformers with every speed's error beside it (cvt_fast.benchmark), or,
-with --resolutions, memory and time against image size (cvt_fast.resolution). What runs by default on this device
+"""`cvt-fast bench`: throughput against transformers with every speed's error beside it (cvt_fast.tools.benchmark), or,
+with --resolutions, memory and time against image size (cvt_fast.tools.resolution). What runs by default on this device
 is the benchmark modules' own choice; this module only reads the arguments and prints."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 
 from ..config import PRESETS
-from ..contenders import RESOLUTION, THROUGHPUT
 from ..errors import Refused
+from ..tools.contenders import RESOLUTION, THROUGHPUT
 from .common import at_least_one, device, positive_number
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return _resolutions(args)
     if args.train:
         return _train(args)
-    from .. import benchmark
+    from ..tools import benchmark
 
     if args.memory_cap_gib is not None:
         raise Refused("argument --memory-cap-gib: only the resolution benchmark (--resolutions) has a memory cap")
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _resolutions(args: argparse.Namespace) -> int:
     """Memory and time against image size."""
-    from .. import resolution
+    from ..tools import resolution
 
     for option in ("sizes", "batches"):
         if getattr(args, option) is not None:
@@ -125,8 +125,8 @@ def _train(args: argparse.Namespace) -> int:
     """A training step against transformers'."""
     import importlib.util
 
-    from ..reporting import check_models, cpu_description
-    from ..training_benchmark import run_training
+    from ..tools.reporting import check_models, cpu_description
+    from ..tools.training_benchmark import run_training
 
     for option in ("implementations", "memory_cap_gib"):
         if getattr(args, option) is not None:

@@ -1,5 +1,6 @@
 """`cvt-fast classify`: the top labels of image files, printed; or, with --input and --output, every image of a
-folder or list into a JSON-lines file (cvt_fast.dataset_inference: resumable, split across torchrun's processes)."""
+folder or list into a JSON-lines file (cvt_fast.tools.dataset_inference: resumable, split across torchrun's
+processes). A frozen package (.pt2), or --compile, runs compiled code on the CPU instead of the checkpoint's model."""
 
 from __future__ import annotations
 
@@ -196,8 +197,8 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
     """A folder or a list of images into a JSON-lines file, in this process or in each of torchrun's."""
     import torch
 
-    from ..dataset_inference import Options, classify_dataset
     from ..hub import resolve_checkpoint_dir
+    from ..tools.dataset_inference import Options, classify_dataset
 
     if package:
         frozen = _load_package(args)
@@ -295,7 +296,7 @@ def _read_image(path: str, processor):
     """(1, 3, H, W) pixel values, or a refusal that names the file and what is wrong with it."""
     import torch
 
-    from ..dataset_inference import UnreadableImage, read_pixel_values
+    from ..tools.dataset_inference import UnreadableImage, read_pixel_values
 
     try:
         return torch.from_numpy(read_pixel_values(path, processor))[None]

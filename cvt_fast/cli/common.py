@@ -11,7 +11,8 @@ from ..errors import Refused
 
 def first_rank() -> bool:
     """Whether this process speaks for the run: under torchrun, only rank 0 prints a refusal (every rank meets the same
-    ones; a rank's own problem reaches rank 0 through cvt_fast.dataset_inference), so it shows once, not N times."""
+    ones; a rank's own problem reaches rank 0 through cvt_fast.tools.dataset_inference), so it shows once, not N
+    times."""
     return os.environ.get("RANK", "0") in ("0", "")
 
 

@@ -66,7 +66,7 @@ def classify_shard(
 
 def classify_batch(model, batch: Batch, paths: Sequence[str], top_k: int) -> tuple[list[str], int]:
     """The batch's result lines in index order, and how many of them report an unreadable image."""
-    from ..checks import check_image_size
+    from ...checks import check_image_size
 
     lines = {index: result_line(paths[index], error=reason) for index, reason in batch.errors}
     unreadable = len(batch.errors)

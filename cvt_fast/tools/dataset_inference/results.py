@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import Refused
+from ...errors import Refused
 from .images import IMAGE_EXTENSIONS
 
 SCORE_DECIMALS = 6  # a probability to 1e-6 is all a reader uses, and it keeps a million lines short
@@ -69,7 +69,7 @@ def read_results(path: Path) -> ResultFile:
 
 def repair(path: Path) -> int:
     """Rewrite a part file with only its whole, well-formed lines; the number of lines dropped."""
-    from ..files import replacing
+    from ...files import replacing
 
     results = read_results(path)
     if results.damaged:
@@ -122,7 +122,7 @@ def finished_results(files: RunFiles) -> dict[str, str]:
 def merge(files: RunFiles, paths: Sequence[str]) -> list[str]:
     """Write OUTPUT: one line per listed image, in the listing's order (sorted by path), written beside it and renamed
     into place; then the part files go (run.json stays, so that a rerun knows the output is its own). The lines."""
-    from ..files import replacing
+    from ...files import replacing
 
     finished = finished_results(files)
     missing = [path for path in paths if path not in finished]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import CvtConfig
-from .modeling import CvtForImageClassification
+from ..config import CvtConfig
+from ..modeling import CvtForImageClassification
+from ..testing import randomize_
 from .reporting import DTYPES, device_name, markdown_table, transformers_twin, versions
-from .testing import randomize_
 
 IMPLEMENTATIONS = ("transformers", "cvt_fast")
 BLOCK = 3  # steps per contender per round on the CPU; the first of each block is not counted

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Refused
+from ...errors import Refused
 from .images import folder_as_written
 from .results import RunFiles, repair
 
@@ -21,8 +21,8 @@ RECORD_FORMAT = 1
 def run_record(checkpoint: Path, processor, source: str, top_k: int, dtype: torch.dtype, backend: str) -> dict:
     """What decides the contents of the result lines. Batch size, workers, device and the number of ranks do not
     (they move scores by float rounding at most), so a run may resume with others."""
-    from ..image_processing import PREPROCESSOR_NAME
-    from ..loading import weight_files
+    from ...image_processing import PREPROCESSOR_NAME
+    from ...loading import weight_files
 
     if checkpoint.is_file():  # a frozen package: config, weights and preprocessing in one file
         files = [checkpoint]
@@ -123,7 +123,7 @@ def _check_record(files: RunFiles, record: dict) -> None:
 
 
 def _write_record(files: RunFiles, record: dict) -> None:
-    from ..files import replacing
+    from ...files import replacing
 
     try:
         with replacing(files.record) as temporary:

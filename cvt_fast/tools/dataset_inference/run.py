@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Refused, UserError, one_line
+from ...errors import Refused, UserError, one_line
 from .images import Listing, list_images, listing_digest, shard
 from .model_loop import ShardTimes, classify_shard
 from .progress import Progress
@@ -45,7 +45,7 @@ class Options:
 
 def resolve_device(name: str | None, ranks: Ranks) -> torch.device:
     """--device for this rank: under torchrun, "cuda" without an index is this rank's GPU, cuda:LOCAL_RANK."""
-    from ..checks import check_device
+    from ...checks import check_device
 
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,7 +163,7 @@ def _look(options: Options, ranks: Ranks):
 
 
 def _load(options: Options, device: torch.device, err):
-    from ..modeling import CvtForImageClassification
+    from ...modeling import CvtForImageClassification
 
     if options.frozen is not None:
         return options.frozen
@@ -177,8 +177,8 @@ def _load(options: Options, device: torch.device, err):
 
 def _compile(options: Options, err):
     """The checkpoint frozen for this CPU, at the preprocessed size and the batch size of the run."""
-    from ..frozen import freeze_checkpoint
-    from ..modeling import CvtForImageClassification
+    from ...frozen import freeze_checkpoint
+    from ...modeling import CvtForImageClassification
 
     size = options.processor.size
     if not options.processor.do_resize:
@@ -206,8 +206,8 @@ def _as_refusals():
 
 def _check_preprocessed_size(options: Options) -> None:
     """With resizing, every image comes out size x size: a size the model cannot take is refused before any work."""
-    from ..checks import check_image_size
-    from ..config import CvtConfig
+    from ...checks import check_image_size
+    from ...config import CvtConfig
 
     processor = options.processor
     if not processor.do_resize:

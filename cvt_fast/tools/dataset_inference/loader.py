@@ -47,7 +47,7 @@ class ImageFiles(torch.utils.data.Dataset):
         except UnreadableImage as unreadable:
             pixels, error = None, unreadable.reason
         except Exception as failure:  # whatever else one odd file provokes, it must not end a million-image run
-            from ..errors import one_line
+            from ...errors import one_line
 
             pixels, error = None, f"failed in decoding or preprocessing ({type(failure).__name__}: {one_line(failure)})"
         return index, pixels, error, time.perf_counter() - start

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .config import CvtConfig, preset_named
+from ..config import CvtConfig, preset_named
+from ..errors import Refused
+from ..modeling import CvtForImageClassification
+from ..testing import randomize_
 from .contenders import BASELINE, ENGINES, THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
 from .engines import INSTALL, Engines, installed, openvino_native_bfloat16
-from .errors import Refused
-from .modeling import CvtForImageClassification
 from .reporting import (
     DTYPES,
     check_models,
@@ -39,7 +40,6 @@ from .reporting import (
     versions,
 )
 from .reporting import markdown_table as reporting_table
-from .testing import randomize_
 
 IMPLEMENTATIONS = THROUGHPUT
 
@@ -407,7 +407,7 @@ def run(
     rounds: int = 5,
     out_dir: Path | None = None,
 ) -> list[Record]:
-    from .kernels.launch import TRITON_INTERPRET
+    from ..kernels.launch import TRITON_INTERPRET
 
     unknown = [name for name in implementations if name not in IMPLEMENTATIONS]
     if unknown:  # an unknown name would otherwise be timed as cvt_fast with the Triton backend
@@ -515,7 +515,7 @@ def plan(
 def _implementations(requested: list[str] | None, device: torch.device, notes: list[str]) -> list[str]:
     import importlib.util
 
-    from .kernels.launch import TRITON_INTERPRET
+    from ..kernels.launch import TRITON_INTERPRET
 
     if requested:
         unknown = [name for name in requested if name not in IMPLEMENTATIONS]

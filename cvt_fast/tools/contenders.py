@@ -1,7 +1,7 @@
 """The contenders the benchmarks know, by name, and which of them run when none are named. Imports nothing heavy,
 so that the command line can list them in --help before torch is loaded."""
 
-# cvt-fast bench: throughput (cvt_fast.benchmark).
+# cvt-fast bench: throughput (cvt_fast.tools.benchmark).
 THROUGHPUT = (
     "transformers-eager",  # float32, or autocast float16/bfloat16 over float32 weights, as transformers users run it
     "transformers-eager-cast",  # its weights cast to the dtype, no autocast: like for like with cvt_fast
@@ -40,7 +40,7 @@ THROUGHPUT_CPU_DEFAULT = (
 ENGINES = ("onnxruntime", "onnxruntime-transformers", "openvino")
 BASELINE = "transformers-eager"
 
-# cvt-fast bench --resolutions: memory and time against image size (cvt_fast.resolution).
+# cvt-fast bench --resolutions: memory and time against image size (cvt_fast.tools.resolution).
 RESOLUTION = ("transformers", "cvt_fast-eager", "cvt_fast-triton", "onnxruntime")
 RESOLUTION_GPU_DEFAULT = ("transformers", "cvt_fast-eager", "cvt_fast-triton")
 RESOLUTION_CPU_DEFAULT = ("transformers", "cvt_fast-eager", "onnxruntime")

@@ -1,7 +1,7 @@
 """Memory and time against image size (`cvt-fast bench --resolutions 224 512 1024 2048`): one forward pass per
 size (batch 1, random weights), smallest first, for each implementation and dtype, with the max logit error against
 the float32 reference beside each point. On the CPU each point runs in a fresh process (`python -m
-cvt_fast.resolution --worker`) whose peak resident memory during the forward is measured, and a watchdog stops a
+cvt_fast.tools.resolution --worker`) whose peak resident memory during the forward is measured, and a watchdog stops a
 point that passes the memory cap; on a GPU, torch.cuda.max_memory_allocated. A point out of memory (or over the cap)
 is recorded as such and larger sizes of that contender are not tried.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import Refused
 from .contenders import RESOLUTION, RESOLUTION_CPU_DEFAULT, RESOLUTION_GPU_DEFAULT
 from .engines import installed
-from .errors import Refused
 from .reporting import (
     DTYPES,
     check_models,
@@ -68,9 +68,9 @@ class Point:
 
 def random_model(model_name: str):
     """The benchmark's model: a preset or config.json, random weights drawn from seed 0 (the same in every process)."""
-    from .config import CvtConfig
-    from .modeling import CvtForImageClassification
-    from .testing import randomize_
+    from ..config import CvtConfig
+    from ..modeling import CvtForImageClassification
+    from ..testing import randomize_
 
     config = CvtConfig.from_pretrained(model_name)  # a preset name or a config file
     return randomize_(CvtForImageClassification(config, backend="eager").eval(), torch.Generator().manual_seed(0))
@@ -134,7 +134,7 @@ def worker(spec: dict) -> dict:
 def _run_worker(spec: dict, cap_bytes: int, timeout_s: float) -> tuple[dict | None, str]:
     """(result, status): the worker in a fresh process, killed if its resident memory passes the cap."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "cvt_fast.resolution", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", "cvt_fast.tools.resolution", "--worker", json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -220,7 +220,7 @@ def _contender_points(model, implementation, dtype, resolutions, device, cap_byt
     if implementation == "onnxruntime":
         if device.type != "cpu" or dtype != "float32":  # the export is float32, ONNX Runtime's provider the CPU
             return
-        from .export import export_onnx
+        from ..export import export_onnx
 
         onnx_path = str(Path(scratch) / f"model-{hashlib.sha256(model.encode()).hexdigest()[:12]}.onnx")
         if not Path(onnx_path).exists():

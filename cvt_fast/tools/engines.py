@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL = {
@@ -83,7 +83,7 @@ class Engines:
 
     def frozen(self, model_name: str, base, x: torch.Tensor):
         """cvt_fast.freeze of `base` for x's image size and dtype (see the class)."""
-        from .frozen import freeze
+        from ..frozen import freeze
 
         several = len(self._batches) > 1 and x.shape[0] in self._batches
         batch_size = self._batches[-1] if several else x.shape[0]
@@ -96,7 +96,7 @@ class Engines:
 
     def onnxruntime(self, model_name: str, base) -> Callable[[torch.Tensor], torch.Tensor]:
         """ONNX Runtime on cvt_fast's float32 export of `base` (fused attention nodes)."""
-        from .export import export_onnx
+        from ..export import export_onnx
 
         def export(path: Path) -> None:
             export_onnx(base, path, validate=False)  # the benchmark measures the error itself

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from ..errors import Refused
+from ...errors import Refused
 
 # A rank that finished its shard waits for the slowest one; on a long job that can be hours (a throttled GPU). A rank
 # that dies does not leave the others waiting: torchrun stops them all.

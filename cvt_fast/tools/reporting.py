@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, CvtConfig, preset_named
-from .errors import Refused
+from ..config import PRESETS, CvtConfig, preset_named
+from ..errors import Refused
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,7 +83,7 @@ def cpu_description() -> str:
 def cpu_native_bfloat16() -> str | None:
     """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
     where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
-    from .ops.cpu import cpu_has_native_bfloat16
+    from ..ops.cpu import cpu_has_native_bfloat16
 
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -95,7 +95,7 @@ def cpu_native_bfloat16() -> str | None:
 
 def check_models(models: Sequence[str], sizes: Sequence[int], option: str = "--sizes") -> None:
     """Every model names a preset or a config file, and every image size suits every model."""
-    from .checks import check_image_size
+    from ..checks import check_image_size
 
     for name in models:
         if (preset := preset_named(name)) is not None:

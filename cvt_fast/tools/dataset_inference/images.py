@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..errors import Refused
+from ...errors import Refused
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -29,7 +29,7 @@ def read_pixel_values(path: str, processor) -> np.ndarray:
     """(3, H, W) float32 pixel values of the image at `path`, or UnreadableImage saying why not."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..errors import one_line
+    from ...errors import one_line
 
     try:
         with Image.open(path) as image:
