@@ -419,6 +419,29 @@ class CvtConfig:
 # ---- field checks -------------------------------------------------------------------------------------------
 
 
+def transformers_cannot_run(config: CvtConfig) -> list[str]:
+    """What in `config` transformers' CvT cannot build or run (cvt_fast can, as the original CvT did), one line each;
+    empty when transformers runs it. Said where a user could be surprised: a checkpoint saved with such a config
+    loads in cvt_fast only."""
+    problems = []
+    shallow = [s for s in range(config.num_stages) if config.depth[s] <= s]
+    if shallow:
+        problems.append(
+            f"depth {list(config.depth[: config.num_stages])}: stage {shallow[0]} is not deeper than its index "
+            "(transformers indexes its drop-path rates by stage)"
+        )
+    if "avg" in config.qkv_projection_method[: config.num_stages]:
+        problems.append("qkv_projection_method 'avg' (transformers builds no module for it)")
+    last = config.num_stages - 1
+    early = [s for s in range(last) if config.cls_token[s] and config.embed_dim[s] != config.embed_dim[last]]
+    if early:
+        problems.append(
+            f"a cls token on stage {early[0]}, narrower than the last (transformers sizes every cls token by the last "
+            "stage's embed_dim)"
+        )
+    return problems
+
+
 def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .checks import check_device
-from .config import CONFIG_NAME, CvtConfig
+from .config import CONFIG_NAME, CvtConfig, transformers_cannot_run
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, ConfigError, one_line
 from .files import read_json_object, replacing
 from .hub import resolve_checkpoint_dir
@@ -364,6 +364,10 @@ def save_pretrained(model, directory: str | os.PathLike, safe_serialization: boo
             f"cannot save a checkpoint in {directory} ({one_line(error)}); what the folder held is left as it was"
         ) from error
     _remove_stale_weights(directory, keep=weights)
+    unloadable = transformers_cannot_run(model.config)
+    if unloadable:
+        logger.warning("cvt_fast: saved in %s, which cvt_fast loads but transformers cannot run: %s", directory,
+                       "; ".join(unloadable))  # fmt: skip
 
 
 def _write_weights(state_dict: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:

@@ -28,7 +28,13 @@ if HAS_CUDA:  # float32 checks against transformers and float64 hold float32 to 
     float32_without_tf32()
 
 
+TIERS = ("unit", "kernel", "integration", "ecosystem")  # pyproject.toml says what each holds
+
+
 def pytest_collection_modifyitems(config, items):
+    untiered = sorted({item.nodeid.split("::")[0] for item in items if not any(t in item.keywords for t in TIERS)})
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(untiered)}")
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

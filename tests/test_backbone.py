@@ -12,7 +12,9 @@ import cvt_fast
 from cvt_fast import ConfigError, CvtBackbone, CvtConfig
 from cvt_fast.testing import randomize_
 
-from helpers import fused_ops, model_pair, rel_err
+from support.helpers import fused_ops, model_pair, rel_err
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,6 +137,7 @@ def test_stages_after_the_last_requested_do_not_run():
     assert calls == ["stage3"] and len(output.hidden_states) == 3
 
 
+@pytest.mark.slow
 def test_tuple_form_and_the_kernel_backend():
     backbone, _ = backbone_and_model(out_indices=[1, 2])
     x = torch.randn(1, 3, 40, 56)
@@ -150,6 +153,7 @@ def test_tuple_form_and_the_kernel_backend():
                 assert rel_err(a, b) < 2e-5
 
 
+@pytest.mark.slow
 def test_torch_compile_follows_changing_sizes_without_recompiling():
     """(torch specialises sizes 0 and 1, and its CPU convolution picks a memory layout by size: an image whose last
     k/v grid is one row high, or one on the other side of such a threshold, compiles once more.)"""
@@ -219,6 +223,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
     assert not checkpointed.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_gradient_checkpointing_under_torch_compile(fullgraph):
     """Compiled, the recomputation is AOTAutograd's: the same step as eager without checkpointing, BatchNorm
@@ -275,6 +280,7 @@ def test_gradient_checkpointing_refuses_reentrant_recomputation():
     assert model.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_the_custom_ops_trace_with_symbolic_shapes():
     """torch.compile(dynamic=True) through torch.ops.cvt_fast.*: their fake implementations compute the output
     shapes from symbolic sizes, so a new grid size reuses the graph (on the CPU the ops run the eager reference;

@@ -13,7 +13,9 @@ import cvt_fast
 from cvt_fast.modeling import CvtSelfAttention, layer_drop_path_rates
 from cvt_fast.testing import randomize_
 
-from helpers import model_pair, rel_err
+from support.helpers import model_pair, rel_err
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 

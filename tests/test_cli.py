@@ -21,6 +21,8 @@ from cvt_fast.tools import benchmark, reporting
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
+pytestmark = pytest.mark.integration
+
 LABELS = {0: "tabby cat", 1: "golden retriever", 2: "teapot", 3: "volcano"}
 
 
@@ -212,6 +214,17 @@ def test_classify_runs_float32_unless_told_even_for_a_half_precision_checkpoint(
         assert ran and set(ran) == {dtype}
 
 
+def test_a_folder_without_config_is_refused_first_without_notes_about_it(capsys, checkpoint, ckpt_copy):
+    """No config.json and no preprocessor_config.json: the one line says what is missing and what a checkpoint
+    folder holds, before (and instead of) any note about its preprocessing."""
+    (ckpt_copy / "config.json").unlink()
+    (ckpt_copy / "preprocessor_config.json").unlink(missing_ok=True)
+    for extra in ([str(checkpoint / "a.png")], ["--input", str(checkpoint), "--output", str(ckpt_copy / "r.jsonl")]):
+        status, out, err = cli_main(capsys, "classify", "--model", str(ckpt_copy), *extra)
+        assert status == 2 and out == "" and len(err) == 1, err
+        assert err[0].startswith(f"cvt-fast classify: argument --model: {ckpt_copy} has no config.json; expected")
+
+
 @pytest.mark.parametrize(
     "damage, expected",
     [
@@ -232,7 +245,7 @@ def test_classify_runs_float32_unless_told_even_for_a_half_precision_checkpoint(
         (lambda d: (d / "preprocessor_config.json").write_text(json.dumps({"size": 4})),
          "{a}: after preprocessing, image of 4x4 pixels is smaller than the model's total stride: height and width"),
         (lambda d: (d / "config.json").unlink(),
-         "{d} has no config.json"),
+         "argument --model: {d} has no config.json; expected a checkpoint folder as save_pretrained writes it"),
         (lambda d: (d / "model.safetensors").unlink(),
          "no weights in {d}: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or"),
     ],
@@ -529,3 +542,22 @@ def test_classify_image_files_in_half_precision(capsys, checkpoint):
     status_half, half, err = cli_main(capsys, *args, "--dtype", "bfloat16")
     assert status == status_half == 0, err
     assert half.splitlines()[1].split("%", 1)[1] == full.splitlines()[1].split("%", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["classify", "--model", "m", "--batchsize", "4", "a.png"],
+         "cvt-fast classify: unrecognized arguments: --batchsize (did you mean --batch-size?)"),
+        (["export", "--model", "m", "--output", "x.pt2", "--format=pt2", "--image_size=224"],
+         "cvt-fast export: unrecognized arguments: --image_size=224 (did you mean --image-size?)"),
+        (["bench", "--frobnicate"], "cvt-fast bench: unrecognized arguments: --frobnicate (see cvt-fast bench --help)"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_option_is_named_by_its_command_with_what_was_meant(capsys, argv, expected):
+    from cvt_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith(expected), err

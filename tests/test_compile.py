@@ -11,7 +11,9 @@ import copy
 import pytest
 import torch
 
-from helpers import FLOORS, harden_statistics_, model_pair, rel_err
+from support.helpers import FLOORS, harden_statistics_, model_pair, rel_err
+
+pytestmark = pytest.mark.integration
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,6 +8,8 @@ import pytest
 
 from cvt_fast import PRESETS, ConfigError, CvtConfig, preset
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -18,9 +18,12 @@ from cvt_fast import ops
 from cvt_fast.modeling import CvtLinear
 from cvt_fast.ops import cpu
 
-from helpers import rel_err
+from support.helpers import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)"),
+]
 
 NATIVE_BF16 = cpu.cpu_has_native_bfloat16()
 
@@ -64,6 +67,7 @@ def test_bfloat16_without_native_support_takes_f_linear_and_says_why(monkeypatch
     assert calls == [1] and layer.paths["linear"] == "onednn"  # float32 is unaffected
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps x86 ISAs")
 def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
     """The real refusal, on any x86 CPU: with oneDNN capped at AVX2 its bfloat16 linear raises, so a bfloat16 model

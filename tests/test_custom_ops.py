@@ -8,7 +8,9 @@ import torch
 
 from cvt_fast import ops
 
-from helpers import FLOORS, attention_definition, qkv_projection_definition, rel_err
+from support.helpers import FLOORS, attention_definition, qkv_projection_definition, rel_err
+
+pytestmark = pytest.mark.unit
 
 EPS = [1e-5, 1e-3, 1e-4]  # q, k, v: distinct, and comparable to the smallest running variances below
 STRIDES = [(1, 1), (2, 1), (2, 1)]  # (stride, padding) of q, k, v

@@ -28,6 +28,8 @@ from cvt_fast.tools.dataset_inference import loader
 
 Image = pytest.importorskip("PIL.Image")
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {0: "tabby cat", 1: "golden retriever", 2: "teapot", 3: "volcano", 4: "lighthouse"}
 UNREADABLE = {
@@ -440,7 +442,7 @@ def test_a_changed_checkpoint_is_refused(capsys, workspace, tmp_path):
 @pytest.mark.parametrize(
     "damage, expected",
     [
-        (lambda d: (d / "config.json").unlink(), "{d} has no config.json"),
+        (lambda d: (d / "config.json").unlink(), "argument --model: {d} has no config.json; expected a checkpoint"),
         (lambda d: (d / "config.json").write_text("{'depth': [1, 1]}"), "{d}/config.json: is not valid JSON"),
         (lambda d: (d / "model.safetensors").unlink(), "no weights in {d}: expected model.safetensors"),
         (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300]),

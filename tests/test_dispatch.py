@@ -9,7 +9,9 @@ from cvt_fast import CvtConfig, CvtForImageClassification, KernelUnavailableErro
 from cvt_fast.ops import dispatch
 from cvt_fast.ops.dispatch import ENV_VAR, resolve_backend
 
-from helpers import fused_ops, model_pair, rel_err
+from support.helpers import fused_ops, model_pair, rel_err
+
+pytestmark = pytest.mark.unit
 
 CONFIG = dict(depth=[1, 1], embed_dim=[64, 64], num_heads=[1, 2], cls_token=[False, True], num_labels=3)
 

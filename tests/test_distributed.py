@@ -1,7 +1,7 @@
 """cvt_fast models are plain nn.Modules: they train under DDP, FSDP and torch.compile across processes.
 
-tests/distributed_training.py runs one training step per scenario under torchrun (2 processes, gloo, CPU, float64);
-the references here are single-process steps on the same model and batch.
+tests/support/distributed_training.py runs one training step per scenario under torchrun (2 processes, gloo, CPU,
+float64); the references here are single-process steps on the same model and batch.
 
 BatchNorm (the q/k/v projections) normalises in training with the statistics of the batch it sees, which under DDP is
 each process's own share, exactly as in transformers. So DDP over 2 x 3 images equals one process stepping over each
@@ -14,10 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import distributed_training as dt
 import pytest
 import torch
 from torch import nn
+
+from support import distributed_training as dt
+
+pytestmark = pytest.mark.ecosystem
 
 HERE = Path(__file__).resolve().parent
 WORLD_SIZE = 2
@@ -27,7 +30,7 @@ def run_scenarios(out: Path, *extra: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
-         str(HERE / "distributed_training.py"), str(out), *extra],
+         str(HERE / "support" / "distributed_training.py"), str(out), *extra],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

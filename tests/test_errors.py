@@ -6,6 +6,8 @@ import torch
 
 from cvt_fast import CvtConfig, CvtForImageClassification, CvtModel
 
+pytestmark = pytest.mark.unit
+
 CONFIG = dict(depth=[1, 1], embed_dim=[8, 16], num_heads=[1, 2], cls_token=[False, True], num_labels=3)
 
 

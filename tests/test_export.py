@@ -13,12 +13,14 @@ import cvt_fast
 from cvt_fast import cli
 from cvt_fast.testing import randomize_
 
-from helpers import model_pair, rel_err
+from support.helpers import model_pair, rel_err
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from cvt_fast import export  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 CONFIG = dict(depth=[1, 2], embed_dim=[32, 64], num_heads=[1, 2], cls_token=[False, True], num_labels=4)
 LAYERS = 3

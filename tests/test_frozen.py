@@ -20,9 +20,11 @@ from cvt_fast import frozen as frozen_module
 from cvt_fast.cpu_target import CpuTarget, cannot_run, this_cpu
 from cvt_fast.errors import CheckpointError, CheckpointNotFoundError, InputError, InputTypeError
 
-from helpers import FLOORS, TRAINABLE, harden_statistics_, model_pair, rel_err
+from support.helpers import FLOORS, TRAINABLE, harden_statistics_, model_pair, rel_err
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.integration
 
 # Non-square, sizes no block divides, a cls token on the last stage only.
 HEIGHT, WIDTH, BATCH = 40, 36, 3

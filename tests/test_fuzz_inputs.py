@@ -30,7 +30,10 @@ from cvt_fast.config import STAGE_INTEGER_MINIMUM, STAGE_PARAMETERS  # noqa: E40
 from cvt_fast.testing import randomize_  # noqa: E402
 from cvt_fast.tools import benchmark  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")  # mlp_ratio 0
+pytestmark = [
+    pytest.mark.unit,
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning"),
+]  # mlp_ratio 0
 
 FUZZ = settings(
     max_examples=int(os.environ.get("CVT_FAST_FUZZ_EXAMPLES", "60")),

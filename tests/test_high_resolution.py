@@ -14,6 +14,8 @@ from cvt_fast import ops
 from cvt_fast.testing import randomize_
 from cvt_fast.tools import resolution
 
+pytestmark = pytest.mark.integration
+
 
 def attention_ops(model, x, train):
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -8,6 +8,8 @@ import torch
 
 from cvt_fast.image_processing import CvtImageProcessor
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.ecosystem
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PATCHED_MODEL_RUNS = """

@@ -17,6 +17,8 @@ import torch
 import cvt_fast
 from cvt_fast.testing import randomize_
 
+pytestmark = pytest.mark.unit
+
 transformers = pytest.importorskip("transformers")
 
 # Both cls tokens on: transformers sizes every cls token by the last width, a wrong shape for stage 0 but a sample of

@@ -11,11 +11,13 @@ import random
 import pytest
 import torch
 
-from helpers import DEVICE, assert_within_rule, nan_like, rel_err
+from support.helpers import DEVICE, assert_within_rule, nan_like, rel_err
 
 pytest.importorskip("triton")
 from cvt_fast.kernels import flash_attention  # noqa: E402
 from cvt_fast.kernels.attention import AttentionConfig  # noqa: E402
+
+pytestmark = pytest.mark.kernel
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 

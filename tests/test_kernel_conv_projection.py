@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 from cvt_fast import ops
 
-from helpers import DEVICE, assert_within_rule, nan_like, rel_err
+from support.helpers import DEVICE, assert_within_rule, nan_like, rel_err
 
 pytest.importorskip("triton")
 from cvt_fast.kernels import qkv_conv_bn  # noqa: E402
 from cvt_fast.kernels.conv_projection import ConvConfig  # noqa: E402
+
+pytestmark = pytest.mark.kernel
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 EPS = (1e-5, 1e-3, 1e-4)  # q, k, v: distinct, and each comparable to the smallest variances

@@ -10,6 +10,8 @@ from cvt_fast.ops.dispatch import FP32_ATTENTION_VAR
 pytest.importorskip("triton")
 from cvt_fast.kernels import attention, conv_projection, launch  # noqa: E402
 
+pytestmark = pytest.mark.kernel
+
 
 def test_autotuning_is_refused_inside_graph_capture_until_the_shape_is_tuned(monkeypatch):
     monkeypatch.setattr(attention, "_tuned_keys", set())

@@ -1,6 +1,6 @@
 """What the compiler makes of the kernels on Hopper (sm_90), checked without a GPU.
 
-tests/sm90_compile.py drives the launchers themselves on the real CvT shapes, through Triton's own binder with a
+tests/support/sm90_compile.py drives the launchers themselves on the real CvT shapes, through Triton's own binder with a
 stand-in for the CUDA driver, so each kernel is compiled exactly as a launch on an H100 would specialise it
 (divisibility-by-16 hints, arguments equal to 1 made constant, the block sizes the launcher picks). From the cubin
 (Triton's bundled ptxas and cuobjdump) these tests assert the properties that make the kernels fast, not only that
@@ -20,6 +20,8 @@ import torch
 pytest.importorskip("triton")
 
 from cvt_fast.kernels import attention, conv_projection  # noqa: E402
+
+pytestmark = pytest.mark.kernel
 
 HOPPER_MAX_SHARED = 227 * 1024
 DTYPES = ("bfloat16", "float16", "float32")
@@ -84,7 +86,7 @@ LAUNCHES = launches()
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # what launches use today; silences Triton 3.9's notice of a change
-    script = Path(__file__).with_name("sm90_compile.py")
+    script = Path(__file__).parent / "support" / "sm90_compile.py"
     result = subprocess.run(
         [sys.executable, str(script)],
         input=json.dumps(list(LAUNCHES.values())),

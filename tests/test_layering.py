@@ -10,6 +10,10 @@ import ast
 import fnmatch
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Bottom first. A pattern names a module or, with ".*", every module of a package.

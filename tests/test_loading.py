@@ -11,7 +11,9 @@ import cvt_fast
 from cvt_fast import CheckpointError, CvtForImageClassification, CvtModel
 from cvt_fast.testing import randomize_
 
-from helpers import rel_err
+from support.helpers import rel_err
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,6 +98,35 @@ def test_transformers_loads_what_we_save(tmp_path):
     assert outputs_agree(ours, theirs)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["CvtForImageClassification"] and config["model_type"] == "cvt"
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        (dict(depth=[1, 1, 1]), "depth [1, 1, 1]: stage 1 is not deeper than its index"),
+        (dict(qkv_projection_method=["dw_bn", "avg", "dw_bn"]), "qkv_projection_method 'avg'"),
+        (dict(cls_token=[True, False, True]), "a cls token on stage 0"),
+    ],
+)
+def test_a_checkpoint_transformers_cannot_run_is_saved_with_a_warning_naming_why(tmp_path, caplog, config, named):
+    """cvt_fast runs configs transformers cannot (as the original CvT did); saving one says so, naming the field, and
+    transformers indeed fails on it."""
+    kwargs = dict(embed_dim=[16, 24, 32], num_heads=[1, 2, 2], depth=[1, 2, 3], num_labels=3) | config
+    ours = randomize_(CvtForImageClassification(cvt_fast.CvtConfig(**kwargs)), torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="cvt_fast"):
+        ours.eval().save_pretrained(tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "transformers cannot run" in r.getMessage()]
+    assert len(warned) == 1 and named in warned[0], caplog.text
+    assert CvtForImageClassification.from_pretrained(tmp_path).config.depth == kwargs["depth"]
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises on it (IndexError, AttributeError, ...)
+        theirs = transformers.CvtForImageClassification.from_pretrained(tmp_path).eval()
+        theirs(torch.randn(1, 3, 64, 64))
+
+
+def test_a_checkpoint_transformers_runs_is_saved_without_that_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="cvt_fast"):
+        CvtModel(cvt_fast.CvtConfig(**SMALL)).save_pretrained(tmp_path)
+    assert "transformers cannot run" not in caplog.text
 
 
 def test_round_trip_through_our_own_format(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 import cvt_fast
 
-from helpers import (
+from support.helpers import (
     DEVICE,
     FLOORS,
     fused_ops,
@@ -19,6 +19,8 @@ from helpers import (
     rel_err,
     valid_image_side,
 )
+
+pytestmark = pytest.mark.kernel
 
 pytest.importorskip("triton")
 

@@ -9,7 +9,9 @@ import torch
 
 import cvt_fast
 
-from helpers import FLOORS, harden_statistics_, model_pair, random_config_kwargs, random_image_size, rel_err
+from support.helpers import FLOORS, harden_statistics_, model_pair, random_config_kwargs, random_image_size, rel_err
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,6 +106,7 @@ def test_random_config_base_model(seed):
     assert_close(actual.cls_token_value, expected.cls_token_value, "cls_token_value")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cvt-13", "cvt-21", "cvt-w24"])
 def test_presets_at_small_size(name):
     kwargs = cvt_fast.preset(name).config().to_dict()

@@ -9,7 +9,9 @@ import cvt_fast
 from cvt_fast.modeling import CvtSelfAttention
 from cvt_fast.testing import randomize_
 
-from helpers import DEVICE, fused_ops, harden_statistics_, rel_err
+from support.helpers import DEVICE, fused_ops, harden_statistics_, rel_err
+
+pytestmark = pytest.mark.unit
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,9 @@ import torch
 
 import cvt_fast
 
-from helpers import TRAINABLE, harden_statistics_, model_pair, rel_err
+from support.helpers import TRAINABLE, harden_statistics_, model_pair, rel_err
+
+pytestmark = pytest.mark.ecosystem
 
 peft = pytest.importorskip("peft")
 

@@ -11,13 +11,15 @@ import cvt_fast
 from cvt_fast import cli
 from cvt_fast.image_processing import CvtImageProcessor
 
-from helpers import rel_err
+from support.helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 Image = pytest.importorskip("PIL.Image")
 
 from cvt_fast.integrations import SaveConfigCallback  # noqa: E402
+
+pytestmark = pytest.mark.ecosystem
 
 CLASSES = ["apple", "kiwi", "plum"]
 PRETRAINED = dict(num_labels=5, embed_dim=[16, 32], num_heads=[1, 2], depth=[1, 2], cls_token=[False, True])
@@ -114,3 +116,17 @@ def test_a_pipeline_on_a_patched_model_agrees_with_cvt_fast_classify(local, tmp_
     assert [label for label, _ in ours] == [p["label"] for p in predictions]
     for (_, score), p in zip(ours, predictions, strict=True):
         assert abs(score - p["score"]) < 6e-5  # classify prints percent to two decimals
+
+
+def test_the_documented_pipeline_recipe_works_on_a_folder_without_a_preprocessor_config(local, tmp_path):
+    """docs/training.md's pipeline recipe on a folder as save_pretrained writes it (no preprocessor_config.json):
+    cvt_fast's default preprocessing is written first, then transformers' AutoImageProcessor reads it."""
+    folder = tmp_path / "weights-only"
+    transformers.CvtForImageClassification.from_pretrained(local / "pretrained").save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    CvtImageProcessor.from_pretrained(folder).save_pretrained(folder)  # as the docs say, where the file is missing
+    model = cvt_fast.patch(transformers.CvtForImageClassification.from_pretrained(folder))
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    pipe = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    predictions = pipe(str(local / "images" / "kiwi" / "1.png"), top_k=2)
+    assert len(predictions) == 2 and processor.crop_pct == CvtImageProcessor().crop_pct

@@ -10,12 +10,14 @@ import torch
 
 import cvt_fast
 
-from helpers import TRAINABLE, rel_err
+from support.helpers import TRAINABLE, rel_err
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from cvt_fast.integrations import SaveConfigCallback  # noqa: E402
+
+pytestmark = pytest.mark.ecosystem
 
 CONFIG = dict(
     TRAINABLE,

@@ -73,12 +73,11 @@ def run(args: argparse.Namespace) -> int:
         return _classify_files_frozen(args, package)
     import torch
 
-    from ..hub import resolve_checkpoint_dir
     from ..modeling import CvtForImageClassification
 
     target = device(args.device)
     check_backend(args.backend)
-    checkpoint = resolve_checkpoint_dir(args.model)  # a local folder, or the hub snapshot of an id
+    checkpoint = _checkpoint(args.model)  # a local folder, or the hub snapshot of an id
     images = _read_images(args.images, _processor(checkpoint, args.model))  # all of them, before the model loads
     model = CvtForImageClassification.from_pretrained(
         checkpoint, backend=args.backend, device=target, dtype=args.dtype or "float32"
@@ -118,9 +117,7 @@ def _classify_files_frozen(args: argparse.Namespace, package: bool) -> int:
         processor = frozen.processor or _default_processor(args.model)
         images = _read_images(args.images, processor)
     else:
-        from ..hub import resolve_checkpoint_dir
-
-        checkpoint = resolve_checkpoint_dir(args.model)
+        checkpoint = _checkpoint(args.model)
         processor = _processor(checkpoint, args.model)
         images = _read_images(args.images, processor)
         _check_one_size(images)
@@ -197,7 +194,6 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
     """A folder or a list of images into a JSON-lines file, in this process or in each of torchrun's."""
     import torch
 
-    from ..hub import resolve_checkpoint_dir
     from ..tools.dataset_inference import Options, classify_dataset
 
     if package:
@@ -222,7 +218,7 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
             )  # fmt: skip
         )
     backend = "compiled" if args.compile else check_backend(args.backend)
-    checkpoint = resolve_checkpoint_dir(args.model)
+    checkpoint = _checkpoint(args.model)
     options = Options(
         source=args.input,
         output=args.output,
@@ -238,6 +234,20 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
         compile=args.compile,
     )
     return classify_dataset(options)
+
+
+def _checkpoint(name: str) -> Path:
+    """--model as a checkpoint folder with a config.json, refused before anything else is said about it."""
+    from ..config import CONFIG_NAME
+    from ..hub import resolve_checkpoint_dir
+
+    checkpoint = resolve_checkpoint_dir(name)
+    if not (checkpoint / CONFIG_NAME).is_file():
+        raise Refused(
+            f"argument --model: {checkpoint} has no {CONFIG_NAME}; expected a checkpoint folder as save_pretrained "
+            f"writes it ({CONFIG_NAME} beside the weights), a hub id, or a frozen package (.pt2)"
+        )
+    return checkpoint
 
 
 def _processor(checkpoint: Path, name: str):

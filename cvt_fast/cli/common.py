@@ -4,6 +4,7 @@ process speaks for a torchrun job."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 
 from ..errors import Refused
@@ -20,6 +21,25 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # argparse's own report is the whole usage block, then the message: one line says it, and where to look.
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n" if first_rank() else None)
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse leaves arguments nobody knows to the top-level parser, which names neither the command they were
+        # given to nor the option that was meant: the command's own parser says both.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed) or self
+            options = [o for action in command._actions for o in action.option_strings]
+            flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+            meant = [guess[0] for flag in flags if (guess := difflib.get_close_matches(flag, options, n=1))]
+            hint = f" (did you mean {' or '.join(meant)}?)" if meant else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(getattr(parsed, action.dest, None))
+        return None
 
 
 def at_least(smallest: int):
