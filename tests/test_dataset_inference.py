@@ -371,6 +371,37 @@ def test_a_finished_run_rerun_does_nothing_and_a_new_image_only_adds_itself(caps
     assert [json.loads(line)["path"] for line in lines] == sorted(json.loads(line)["path"] for line in lines)
 
 
+def test_a_rerun_after_images_went_and_came_holds_exactly_the_listing_of_now(capsys, workspace, tmp_path, count_reads):
+    """Images removed, and images with non-ASCII names added, between two runs: the output then holds the folder as it
+    is now, every image once, sorted by path, the lines of the images that stayed exactly as before, and only the new
+    ones read."""
+    root, _ = workspace
+    images = shutil.copytree(root / "images", tmp_path / "images")
+    output = tmp_path / "results.jsonl"
+    args = ["--model", root / "ckpt", "--input", images, "--output", output, "--workers", "0"]
+    assert classify(capsys, *args)[0] == 0
+    first = {json.loads(line)["path"]: line for line in output.read_text(encoding="utf-8").splitlines()}
+    removed = [images / "img01.jpg", images / "sub" / "img03.png"]
+    for path in removed:
+        path.unlink()
+    added = [images / "çà été.jpg", images / "sub" / "日本語 ✓.jpg"]
+    for path in added:
+        shutil.copy(images / "img07.jpg", path)
+    count_reads.clear()
+    status, _, err = classify(capsys, *args)
+    assert status == 0, err
+    lines = output.read_text(encoding="utf-8").splitlines()
+    paths = [json.loads(line)["path"] for line in lines]
+    now = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".png") and p.name[0] != ".")
+    assert paths == now and not set(map(str, removed)) & set(paths)
+    assert sorted(count_reads) == sorted(map(str, added))
+    for line, path in zip(lines, paths, strict=True):
+        if path in first:
+            assert line == first[path], path
+    same_pixels = json.loads(lines[paths.index(str(added[0]))])
+    assert same_pixels["labels"] == json.loads(first[str(images / "img07.jpg")])["labels"]
+
+
 def test_a_rerun_may_spell_the_folder_differently_but_not_move_the_paths(
     capsys, workspace, tmp_path, monkeypatch, count_reads
 ):
