@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 
-# Modules reachable as attributes (`cvt_fast.ops.clear_fold_cache()` without importing cvt_fast.ops first).
+# Modules reachable as attributes (`cvt_fast.ops.fold_conv_bn(...)` without importing cvt_fast.ops first).
 _SUBMODULES = (
     "backbone",
     "checkpointing",

@@ -184,12 +184,11 @@ class ConvConfig(NamedTuple):
 
 def default_config(n_q: int, channels: int, interpreter: bool = TRITON_INTERPRET) -> ConvConfig:
     """The table used when no config is given. On the GPU: 32 positions by 64 channels (a 128-byte line in half
-    precision), one warp per 512 outputs, one position block per program (128 registers on sm_90, so four programs
-    per multiprocessor). The compiler reloads the weights on every iteration of the position loop (it cannot prove
-    they do not alias the outputs), so walking through more blocks saves only a program's setup while it raises the
-    registers to 212 and halves the programs resident: the loop stays a tuning choice for the GPU sweep. No
-    configuration picked here spills on sm_90 (tests/test_kernels_compile.py); their speed on Hopper is not yet
-    measured."""
+    precision), one warp per 512 outputs, one position block per program. The compiler reloads the weights on every
+    iteration of the position loop (it cannot prove they do not alias the outputs), so walking through more blocks
+    saves only a program's setup while it raises the registers and lowers the programs resident: the loop stays a
+    tuning choice for the GPU sweep (register counts and the predictions: bench/results/NOTES.md). No configuration
+    picked here spills on sm_90 (tests/test_kernels_compile.py)."""
     if interpreter:
         # The interpreter pays per operation, not per element: few, large programs are what makes it fast.
         return ConvConfig(min(256, triton.next_power_of_2(n_q)), min(64, triton.next_power_of_2(channels)), 1, 1)

@@ -14,14 +14,13 @@ from .cpu import cpu_has_native_bfloat16, linear, linear_path
 from .custom_ops import flatten_conv_bn, unflatten_conv_bn
 from .fused import attention, attention_as_one_op, qkv_projection
 from .layout import grid_to_tokens, split_cls, split_heads, tokens_to_grid
-from .references import ConvBN, attention_reference, clear_fold_cache, fold_conv_bn, qkv_projection_reference
+from .references import ConvBN, attention_reference, fold_conv_bn, qkv_projection_reference
 
 __all__ = [
     "ConvBN",
     "attention",
     "attention_as_one_op",
     "attention_reference",
-    "clear_fold_cache",
     "conv_output_size",
     "cpu_has_native_bfloat16",
     "flatten_conv_bn",

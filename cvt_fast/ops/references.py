@@ -36,11 +36,6 @@ class ConvBN(NamedTuple):
 # handful of ops on (C,) vectors; a stale one is a wrong answer.
 
 
-def clear_fold_cache() -> None:
-    """Kept for code written against earlier releases: nothing derived from the weights is cached any more, so
-    there is nothing to clear (edits of any kind, `.data` included, reach the next forward)."""
-
-
 def fold_conv_bn(p: ConvBN, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm folded into the depthwise conv: (C, 1, k, k) weight and (C,) bias, in `dtype`.
 
