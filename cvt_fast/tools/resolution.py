@@ -82,11 +82,9 @@ def build(model_name: str, implementation: str, dtype: torch.dtype, device: torc
     base = random_model(model_name)
     config = base.config
     if implementation == "onnxruntime":
-        import onnxruntime
+        from .engines import onnxruntime_session
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(onnx_path)
         return lambda x: torch.from_numpy(
             session.run(None, {"pixel_values": x.float().numpy()})[0]
         ), config.num_channels
