@@ -109,21 +109,17 @@ def stage_parity(out: Path, rehearse: bool) -> None:
     """cvt_fast (backend "triton", and "eager" for scale) against transformers' float32 model on the same device:
     logits and every stage's hidden state, held to the kernels' accuracy rule: the kernels' error at most twice the
     eager path's in the same dtype plus a floor (2e-5 float32, 1e-2 bfloat16)."""
-    import transformers
-
     import cvt_fast
-    from cvt_fast.testing import float32_without_tf32, randomize_
+    from cvt_fast.testing import float32_without_tf32
+    from cvt_fast.tools.models import random_model, transformers_twin
 
     float32_without_tf32()  # transformers' float32 reference in float32, not in cuDNN's default TF32
     device = "cpu" if rehearse else "cuda"
     config = session_config(rehearse)
     size, batch = (32, 1) if rehearse else (224, 8)
     generator = torch.Generator().manual_seed(0)
-    base = randomize_(cvt_fast.CvtForImageClassification(config, backend="eager").eval(), generator)
-    hf_config = transformers.CvtConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
-    reference_model = transformers.CvtForImageClassification(hf_config)
-    reference_model.load_state_dict(base.state_dict())
-    reference_model = reference_model.eval().to(device)
+    base = random_model(config, generator)
+    reference_model = transformers_twin(base).eval().to(device)
     pixels = torch.randn(batch, 3, size, size, generator=generator).to(device)
     with torch.inference_mode():
         reference = reference_model(pixels, output_hidden_states=True)

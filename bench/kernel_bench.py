@@ -175,7 +175,7 @@ def conv_case(session: Session, shape_key, shape, dtype: torch.dtype, batch: int
     sample = slice(0, 2)
     params64 = [p._replace(**{f: getattr(p, f).double() for f in ops.ConvBN._fields[:5]}) for p in params]
     reference = eager_conv_sequence(x[sample].double(), grid, grid, with_cls, params64)
-    flat = ops.flatten_conv_bn(*params)
+    flat = ops.qkv_operands(*params)
     contenders: dict[str, tuple[Callable, list | None]] = {
         "eager sequence": (lambda: eager_conv_sequence(x, grid, grid, with_cls, params), None)
     }

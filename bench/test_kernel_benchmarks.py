@@ -49,7 +49,7 @@ def test_qkv_projection(benchmark, stage, implementation):
     grid, channels, _, with_cls = STAGES[stage]
     x, params = conv_inputs(grid, channels, with_cls)
     if implementation == "kernel":
-        flat = ops.flatten_conv_bn(*params)
+        flat = ops.qkv_operands(*params)
         cuda_timed(benchmark, lambda: qkv_conv_bn(x, grid, grid, with_cls, *flat))
     else:
         cuda_timed(benchmark, lambda: ops.qkv_projection_reference(x, grid, grid, with_cls, *params))

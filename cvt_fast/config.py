@@ -107,24 +107,9 @@ class CvtConfig:
         **kwargs: Any,
     ):
         self.num_channels = num_channels
-        self.patch_sizes = _stage_list("patch_sizes", patch_sizes)
-        self.patch_stride = _stage_list("patch_stride", patch_stride)
-        self.patch_padding = _stage_list("patch_padding", patch_padding)
-        self.embed_dim = _stage_list("embed_dim", embed_dim)
-        self.num_heads = _stage_list("num_heads", num_heads)
-        self.depth = _stage_list("depth", depth)
-        self.mlp_ratio = _stage_list("mlp_ratio", mlp_ratio)
-        self.attention_drop_rate = _stage_list("attention_drop_rate", attention_drop_rate)
-        self.drop_rate = _stage_list("drop_rate", drop_rate)
-        self.drop_path_rate = _stage_list("drop_path_rate", drop_path_rate)
-        self.qkv_bias = _stage_list("qkv_bias", qkv_bias)
-        self.cls_token = _stage_list("cls_token", cls_token)
-        self.qkv_projection_method = _stage_list("qkv_projection_method", qkv_projection_method)
-        self.kernel_qkv = _stage_list("kernel_qkv", kernel_qkv)
-        self.padding_kv = _stage_list("padding_kv", padding_kv)
-        self.stride_kv = _stage_list("stride_kv", stride_kv)
-        self.padding_q = _stage_list("padding_q", padding_q)
-        self.stride_q = _stage_list("stride_q", stride_q)
+        arguments = locals()  # the per-stage arguments, by name, as the signature above gives them
+        for name in STAGE_PARAMETERS:
+            setattr(self, name, _stage_list(name, arguments[name]))
         self.initializer_range = initializer_range
         # Kept for config.json fidelity only: transformers' CvT builds every LayerNorm with the default eps 1e-5
         # and never reads this value, and cvt_fast does the same to give the same numbers.

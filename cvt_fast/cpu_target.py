@@ -78,7 +78,7 @@ class CpuTarget:
 
 def this_cpu() -> CpuTarget:
     """The target code compiled in this process is built for (read now: the environment can cap it)."""
-    from .ops.cpu import cpu_has_native_bfloat16
+    from .ops.cpu_linear import cpu_has_native_bfloat16
 
     return CpuTarget(
         machine=platform.machine(),

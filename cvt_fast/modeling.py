@@ -1,8 +1,9 @@
 """CvT in PyTorch, module for module and name for name as transformers' modeling_cvt, so checkpoints load by key.
 
 Activations stay in token layout (B, [1 +] H*W, C) between modules; a stage converts to (B, C, H, W) only at
-its output, as a view. Each attention layer's q/k/v projection and attention go through cvt_fast.ops, which picks
-the Triton kernel or the eager reference; nothing in this file looks at devices or dtypes.
+its output, as a view. Each attention layer's q/k/v projection and attention go through cvt_fast.ops, along routes
+the layer builds once (with its backend) that pick the Triton kernel or the eager reference; nothing in this file
+looks at devices or dtypes.
 
 Quirks kept for parity with transformers (docs/kernels.md): attention scale embed_dim ** -0.5, exact GELU, LayerNorm
 eps 1e-5 everywhere (config.layer_norm_eps is ignored), stochastic depth applied to the MLP output *after* its
@@ -27,14 +28,14 @@ from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAtt
 
 class CvtLinear(nn.Linear):
     """nn.Linear (same parameters, same keys; peft and other tools take it for one) whose CPU inference runs on
-    oneDNN (cvt_fast.ops.linear); everywhere else it is F.linear. `paths` says which ran last."""
+    oneDNN (cvt_fast.ops.linear); everywhere else it is F.linear. `route.taken` says which ran last."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.paths: dict[str, str] = {}
+        self.route = ops.LinearRoute()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, self.paths)
+        return ops.linear(x, self.weight, self.bias, self.route)
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
@@ -77,11 +78,9 @@ class CvtSelfAttentionConvProjection(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.normalization(self.convolution(grid))
 
-    def conv_bn(self) -> ops.ConvBN:
-        conv, bn = self.convolution, self.normalization
-        return ops.ConvBN(
-            conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv.stride[0], conv.padding[0]
-        )
+    def bn_params(self) -> tuple[torch.Tensor, ...]:
+        bn = self.normalization
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
 class CvtSelfAttentionProjection(nn.Module):
@@ -126,8 +125,7 @@ class CvtSelfAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.qkv_projection_method = qkv_projection_method
-        self.backend = backend
-        self.paths: dict[str, str] = {}  # which path each fused op took in the last forward
+        self._strides = ((stride_q, padding_q), (stride_kv, padding_kv), (stride_kv, padding_kv))
 
         query_method = "linear" if qkv_projection_method == "avg" else qkv_projection_method
         self.convolution_projection_query = CvtSelfAttentionProjection(
@@ -143,6 +141,18 @@ class CvtSelfAttention(nn.Module):
         self.projection_key = CvtLinear(embed_dim, embed_dim, bias=qkv_bias)
         self.projection_value = CvtLinear(embed_dim, embed_dim, bias=qkv_bias)
         self.dropout = nn.Dropout(attention_drop_rate)
+        self.backend = backend  # builds the routes
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        """Each fused op's route (kernel or eager) is decided here, once, not on every forward."""
+        self._backend = backend
+        self.qkv_route = ops.qkv_projection_route(backend, self.qkv_projection_method, self._strides)
+        self.attention_route = ops.attention_route(backend, self.embed_dim, self.num_heads)
 
     def _projections(self) -> tuple[CvtSelfAttentionProjection, ...]:
         return (self.convolution_projection_query, self.convolution_projection_key, self.convolution_projection_value)
@@ -156,34 +166,32 @@ class CvtSelfAttention(nn.Module):
             return tuple(projected)
         return tuple(torch.cat((cls, p), dim=1) for p in projected)
 
+    def _qkv_operands(self) -> ops.QkvOperands | None:
+        """The fused projection's arguments, gathered on every call: .to(), load_state_dict(assign=True) and peft
+        replace these tensors, so a list kept from an earlier call could hold stale ones."""
+        if self.qkv_projection_method != "dw_bn":
+            return None
+        convs = [p.convolution_projection for p in self._projections()]
+        (stride_q, padding_q), (stride_kv, padding_kv), _ = self._strides
+        return ops.QkvOperands(
+            [c.convolution.weight for c in convs],
+            [t for c in convs for t in c.bn_params()],
+            [c.normalization.eps for c in convs],
+            stride_q, padding_q, stride_kv, padding_kv,
+        )  # fmt: skip
+
     def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # hidden_state (B, [1 +] H*W, C) -> context (B, [1 +] Hq*Wq, C)
-        fused = self.qkv_projection_method == "dw_bn"
-        query, key, value = ops.qkv_projection(
-            hidden_state,
-            height,
-            width,
-            self.with_cls_token,
-            [p.convolution_projection.conv_bn() for p in self._projections()] if fused else None,
-            projection_method=self.qkv_projection_method,
-            training=self.training,
-            run_modules=lambda: self._project_with_modules(hidden_state, height, width),
-            backend=self.backend,
-            paths=self.paths,
+        qkv = ops.qkv_projection(
+            hidden_state, height, width, self.with_cls_token, self._qkv_operands(), self.qkv_route, self.training
         )
-        query = self.projection_query(query)
-        key = self.projection_key(key)
-        value = self.projection_value(value)
+        if qkv is None:  # training (BatchNorm on batch statistics), or a projection the op does not fuse
+            qkv = self._project_with_modules(hidden_state, height, width)
+        query = self.projection_query(qkv[0])
+        key = self.projection_key(qkv[1])
+        value = self.projection_value(qkv[2])
         return ops.attention(
-            query,
-            key,
-            value,
-            self.num_heads,
-            self.scale,
-            dropout_p=self.dropout.p,
-            training=self.training,
-            backend=self.backend,
-            paths=self.paths,
+            query, key, value, self.num_heads, self.scale, self.attention_route, self.training, self.dropout.p
         )
 
 
@@ -393,9 +401,9 @@ def kernel_paths(model: nn.Module) -> KernelPaths:
     "linear" (its q/k/v and output projections) is "onednn", "F.linear" or "F.linear: <reason>"."""
     paths = KernelPaths()
     for name, module in model.named_modules():
-        if isinstance(module, CvtSelfAttention) and module.paths:
-            layer = dict(module.paths)
-            linears = {m.paths["linear"] for m in module.modules() if isinstance(m, CvtLinear) and m.paths}
+        if isinstance(module, CvtSelfAttention) and module.attention_route.taken:
+            layer = {route.op: route.taken for route in (module.qkv_route, module.attention_route) if route.taken}
+            linears = {m.route.taken for m in module.modules() if isinstance(m, CvtLinear) and m.route.taken}
             if linears:
                 layer["linear"] = "; ".join(sorted(linears))
             paths[name.removesuffix(".attention.attention")] = layer
@@ -435,12 +443,15 @@ class CvtPreTrainedModel(nn.Module):
         return self._backend
 
     def set_backend(self, backend: str | None) -> None:
-        """Switch every attention layer to "auto", "eager" or "triton" (None: CVT_FAST_BACKEND, else "auto")."""
+        """Switch every attention layer to "auto", "eager" or "triton" (None: CVT_FAST_BACKEND, else "auto"), and
+        read the environment's other switches again (CVT_FAST_FP32_ATTENTION, CVT_FAST_ONEDNN_LINEAR)."""
         self._backend = resolve_backend(backend)
         prepare_backend(self._backend)
         for module in self.modules():
             if isinstance(module, CvtSelfAttention):
                 module.backend = self._backend
+            elif isinstance(module, CvtLinear):
+                module.route = ops.LinearRoute()
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import TRITON_INTERPRET, launch_guard, multiprocessor_count
+from .launch import HOPPER_SMS, TRITON_INTERPRET, launch_guard, multiprocessor_count
 
 LOG2E = 1.4426950408889634
 
@@ -163,7 +163,7 @@ def candidate_configs(dtype: torch.dtype = torch.bfloat16) -> list[AttentionConf
 
 
 def default_config(
-    n_q: int, n_k: int, head_dim: int, dtype: torch.dtype, programs: int, num_sms: int = 132,
+    n_q: int, n_k: int, head_dim: int, dtype: torch.dtype, programs: int, num_sms: int = HOPPER_SMS,
     interpreter: bool = TRITON_INTERPRET,
 ) -> AttentionConfig:  # fmt: skip
     """The table used when no config is given (programs = batch * heads). No row spills registers on sm_90

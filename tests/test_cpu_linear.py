@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import cvt_fast
 from cvt_fast import ops
 from cvt_fast.modeling import CvtLinear
-from cvt_fast.ops import cpu
+from cvt_fast.ops import cpu_linear
 
 from support.helpers import rel_err
 
@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)"),
 ]
 
-NATIVE_BF16 = cpu.cpu_has_native_bfloat16()
+NATIVE_BF16 = cpu_linear.cpu_has_native_bfloat16()
 
 
 def definition(x, weight, bias):
@@ -39,11 +39,11 @@ def test_as_accurate_as_f_linear_against_float64(shape, dtype, floor):
     x = torch.randn(*shape, generator=generator).to(dtype)
     weight = torch.randn(96, shape[-1], generator=generator).to(dtype) / shape[-1] ** 0.5
     bias = torch.randn(96, generator=generator).to(dtype)
-    paths = {}
+    route = ops.LinearRoute()
     with torch.inference_mode():
-        actual = ops.linear(x, weight, bias, paths)
+        actual = ops.linear(x, weight, bias, route)
     onednn = dtype == torch.float32 or NATIVE_BF16
-    assert (paths["linear"] == "onednn") == onednn, paths
+    assert (route.taken == "onednn") == onednn, route.taken
     expected = definition(x, weight, bias)
     assert actual.shape == (*shape[:-1], 96) and actual.dtype == dtype
     assert rel_err(actual, expected) <= 2 * rel_err(F.linear(x, weight, bias), expected) + floor
@@ -52,7 +52,7 @@ def test_as_accurate_as_f_linear_against_float64(shape, dtype, floor):
 def test_bfloat16_without_native_support_takes_f_linear_and_says_why(monkeypatch):
     """On a CPU without native bfloat16 (AVX2 only), oneDNN's bfloat16 product raises; the capability check is
     forced here, so that the fallback is exercised on any CPU."""
-    monkeypatch.setattr(cpu, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(cpu_linear, "cpu_has_native_bfloat16", lambda: False)
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
@@ -60,11 +60,11 @@ def test_bfloat16_without_native_support_takes_f_linear_and_says_why(monkeypatch
     x = torch.randn(5, 64).to(torch.bfloat16)
     with torch.inference_mode():
         actual = layer(x)
-    assert calls == [] and layer.paths["linear"].startswith("F.linear: bfloat16 on a CPU without native bfloat16")
+    assert calls == [] and layer.route.taken.startswith("F.linear: bfloat16 on a CPU without native bfloat16")
     assert torch.equal(actual, F.linear(x, layer.weight, layer.bias))
     with torch.inference_mode():
         layer.float()(x.float())
-    assert calls == [1] and layer.paths["linear"] == "onednn"  # float32 is unaffected
+    assert calls == [1] and layer.route.taken == "onednn"  # float32 is unaffected
 
 
 @pytest.mark.slow
@@ -76,8 +76,8 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
     script = textwrap.dedent(
         """
         import torch, cvt_fast
-        from cvt_fast.ops import cpu
-        assert not cpu.cpu_has_native_bfloat16()
+        from cvt_fast.ops import cpu_linear
+        assert not cpu_linear.cpu_has_native_bfloat16()
         try:
             torch.ops.mkldnn._linear_pointwise(torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16(), None,
                                                "none", [], "")
@@ -91,7 +91,7 @@ def test_a_bfloat16_model_runs_where_onednn_is_capped_at_avx2(tmp_path):
                                     stride_q=[1, 1], cls_token=[False, True], mlp_ratio=[4.0, 4.0],
                                     qkv_bias=[True, True], drop_path_rate=[0.0, 0.0])
         model = cvt_fast.CvtForImageClassification(config).eval()
-        theirs = cvt_fast.tools.reporting.transformers_twin(model).eval()
+        theirs = cvt_fast.tools.models.transformers_twin(model).eval()
         x = torch.randn(2, 3, 32, 40)
         with torch.inference_mode():
             reference = model.double()(x.double()).logits
@@ -128,7 +128,7 @@ def test_every_edit_reaches_the_next_call_data_included():
             before = layer(x)
             edit()
             after = layer(x)
-            assert layer.paths["linear"] == "onednn"
+            assert layer.route.taken == "onednn"
             assert rel_err(after, definition(x, layer.weight, layer.bias)) < 1e-5
             assert rel_err(before, after) > 1e-2
 
@@ -140,19 +140,22 @@ def test_autograd_training_and_compilers_keep_f_linear(monkeypatch):
     layer = CvtLinear(16, 8)
     x = torch.randn(4, 16)
     layer.train()(x).sum().backward()  # training: gradients flow through F.linear
-    assert layer.weight.grad is not None and calls == [] and layer.paths["linear"] == "F.linear: autograd is recording"
+    assert layer.weight.grad is not None and calls == [] and layer.route.taken == "F.linear: autograd is recording"
     layer.eval()(x)  # eval, but autograd records (the weight requires grad): F.linear
     assert calls == []
     with torch.no_grad():
         layer(x)
         assert calls == [1]
-        monkeypatch.setenv(cpu.ONEDNN_LINEAR_VAR, "0")
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and calls == [1]
-        monkeypatch.delenv(cpu.ONEDNN_LINEAR_VAR)
+        monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_VAR, "0")  # read when a layer is built (or set_backend runs)
+        refusing = CvtLinear(16, 8).eval()
+        refusing.load_state_dict(layer.state_dict())
+        assert torch.equal(refusing(x), F.linear(x, layer.weight, layer.bias)) and calls == [1]
+        assert refusing.route.taken == f"F.linear: {cpu_linear.ONEDNN_LINEAR_VAR}=0"
+        monkeypatch.delenv(cpu_linear.ONEDNN_LINEAR_VAR)
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         assert rel_err(compiled(x), definition(x, layer.weight, layer.bias)) < 1e-5 and calls == [1]
         layer.double()(x.double())
-        assert calls == [1] and layer.paths["linear"].startswith("F.linear: dtype torch.float64")
+        assert calls == [1] and layer.route.taken.startswith("F.linear: dtype torch.float64")
 
 
 @pytest.mark.parametrize("out_features, in_features, rows", [(0, 8, 5), (4, 0, 5), (4, 8, 0)])

@@ -56,8 +56,7 @@ def test_opcheck_attention_cpu():
 def test_cpu_custom_ops_are_the_reference_and_the_definition(with_cls):
     args = conv_bn_args("cpu", with_cls=with_cls)
     q, k, v = torch.ops.cvt_fast.qkv_projection(*args)
-    params = ops.unflatten_conv_bn(*args[4:])
-    reference = ops.qkv_projection_reference(args[0], 5, 6, with_cls, *params)
+    reference = ops.qkv_projection_reference(*args)
     for name, a, r, d in zip("qkv", (q, k, v), reference, conv_bn_definition(args), strict=True):
         assert torch.equal(a, r), f"{name}: the CPU op is not the eager reference"
         assert rel_err(a, d) < FLOORS[torch.float32], f"{name}: {rel_err(a, d):.2e} from the definition"
@@ -92,9 +91,8 @@ def test_cuda_custom_ops_run_the_kernels_within_the_rule(dtype):
     """The kernels behind the ops, against the float64 definition: error at most 2x eager PyTorch's in the same
     dtype (the eager reference, on the same inputs) plus the dtype's floor."""
     args = conv_bn_args("cuda", dtype)
-    params = ops.unflatten_conv_bn(*args[4:])
     definition = conv_bn_definition(args)
-    eager = ops.qkv_projection_reference(args[0], 5, 6, True, *params)
+    eager = ops.qkv_projection_reference(*args)
     for name, a, e, d in zip("qkv", torch.ops.cvt_fast.qkv_projection(*args), eager, definition, strict=True):
         assert torch.isfinite(a).all() and rel_err(a, d.cuda()) <= 2 * rel_err(e, d.cuda()) + FLOORS[dtype], name
     attn = attention_args("cuda", dtype)

@@ -230,7 +230,7 @@ def test_bench_threads_reach_every_contender(tmp_path):
 def test_cpu_defaults_follow_the_machine(monkeypatch):
     import importlib.util
 
-    from cvt_fast.ops import cpu
+    from cvt_fast.ops import cpu_linear as cpu
     from cvt_fast.tools import benchmark, contenders, reporting
 
     cpu_plan = benchmark.plan(torch.device("cpu"))

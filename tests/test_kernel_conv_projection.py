@@ -73,7 +73,7 @@ def run_kernel(x, height, width, with_cls, params, poison=True, config=None):
         sides = [[ops.conv_output_size(s, ksize, p.stride, p.padding) for s in (height, width)] for p in params]
         tokens = [int(with_cls) + h * w for h, w in sides]
         out = tuple(nan_like((x.shape[0], n, x.shape[2]), x.dtype, x.device) for n in tokens)
-    return qkv_conv_bn(x, height, width, with_cls, *ops.flatten_conv_bn(*params), out=out, config=config)
+    return qkv_conv_bn(x, height, width, with_cls, *ops.qkv_operands(*params), out=out, config=config)
 
 
 def check_case(
@@ -175,7 +175,7 @@ def test_inputs_with_a_row_stride_and_bad_shapes():
     for a, e in zip(run_kernel(x, 4, 4, True, params), expected, strict=True):
         assert rel_err(a.cpu(), e) < 1e-5
     with pytest.raises(ValueError, match="x has 17 tokens; expected 1 \\+ 4x5"):
-        qkv_conv_bn(x, 4, 5, True, *ops.flatten_conv_bn(*params))
+        qkv_conv_bn(x, 4, 5, True, *ops.qkv_operands(*params))
 
 
 # CvT-13/21 and CvT-W24 stages at 224 and 384: (grid side, channels, cls token).

@@ -94,10 +94,10 @@ def test_kernels_run_on_their_tensors_device_not_the_current_one():
 
 def run_attention(head_dim, device):
     q, k, v = (torch.randn(1, n, head_dim, device=device) for n in (9, 4, 4))
-    paths = {}
+    route = ops.attention_route("triton", head_dim, 1)  # reads CVT_FAST_FP32_ATTENTION
     with torch.no_grad():
-        ops.attention(q, k, v, 1, head_dim**-0.5, dropout_p=0.0, training=False, backend="triton", paths=paths)
-    return paths["attention"]
+        ops.attention(q, k, v, 1, head_dim**-0.5, route)
+    return route.taken
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, backend="triton" runs the interpreter

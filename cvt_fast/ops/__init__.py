@@ -1,37 +1,47 @@
-"""The operations of a CvT attention layer that cvt_fast computes its own way, and the choice between a Triton
-kernel and the eager path for each call.
+"""The operations of a CvT attention layer that cvt_fast computes its own way, each in one file with its custom op,
+its eager reference and the choice of path; the choice itself is taken in one place.
 
-  layout.py      token layout, grids and heads, as views
-  references.py  the eager references of the two fused ops (CPU path, fallback, test oracle)
-  custom_ops.py  the fused ops as torch custom ops: reference on the CPU, kernel on CUDA
-  dispatch.py    the single decision point: backend, kernel or eager, and the logged reason
-  fused.py       the fused ops as the model calls them (qkv_projection, attention)
-  cpu.py         linear layers on oneDNN where this CPU supports it
+  dispatch.py        backends, and each layer's KernelRoute: kernel or eager, with the reason, decided once
+  qkv_projection.py  depthwise conv + BatchNorm for q, k and v in one pass
+  attention.py       attention with shorter keys and values, the cls token and CvT's scale
+  cpu_linear.py      linear layers on oneDNN where this CPU supports it
+  layout.py          token layout, grids and heads, as views
 """
 
 from ..kernels.shapes import conv_output_size
-from .cpu import cpu_has_native_bfloat16, linear, linear_path
-from .custom_ops import flatten_conv_bn, unflatten_conv_bn
-from .fused import attention, attention_as_one_op, qkv_projection
+from .attention import attention, attention_as_one_op, attention_reference, attention_route
+from .cpu_linear import LinearRoute, cpu_has_native_bfloat16, linear
+from .dispatch import KernelRoute
 from .layout import grid_to_tokens, split_cls, split_heads, tokens_to_grid
-from .references import ConvBN, attention_reference, fold_conv_bn, qkv_projection_reference
+from .qkv_projection import (
+    ConvBN,
+    QkvOperands,
+    fold_conv_bn,
+    qkv_operands,
+    qkv_projection,
+    qkv_projection_reference,
+    qkv_projection_route,
+)
 
 __all__ = [
     "ConvBN",
+    "KernelRoute",
+    "LinearRoute",
+    "QkvOperands",
     "attention",
     "attention_as_one_op",
     "attention_reference",
+    "attention_route",
     "conv_output_size",
     "cpu_has_native_bfloat16",
-    "flatten_conv_bn",
     "fold_conv_bn",
     "grid_to_tokens",
     "linear",
-    "linear_path",
+    "qkv_operands",
     "qkv_projection",
     "qkv_projection_reference",
+    "qkv_projection_route",
     "split_cls",
     "split_heads",
     "tokens_to_grid",
-    "unflatten_conv_bn",
 ]

@@ -1,4 +1,4 @@
-"""The single decision point: for each fused-op call, a Triton kernel or the eager reference.
+"""The single decision point: for each fused op of each layer, a Triton kernel or the eager reference.
 
 Backends:
   "eager"   never run a kernel.
@@ -11,16 +11,21 @@ Backends:
 
 The backend comes from the constructor / from_pretrained argument, else the CVT_FAST_BACKEND variable, else "auto".
 
-float32 attention on the kernel path (CVT_FAST_FP32_ATTENTION): "tf32x3" (the default: the kernel, with three TF32
-tensor-core products per dot for float32-level accuracy) or "sdpa" (PyTorch's scaled_dot_product_attention, which
-also computes float32 attention on tensor cores). The GPU sweep (bench/kernel_bench.py) measures both.
+Decided once, not on every call: each layer holds a KernelRoute per fused op, built with the layer and again by
+set_backend (which also rereads the environment variables below). Per call it looks only at what the call itself
+can change: training mode, autograd, and the tensors' device and dtype, whose verdict it keeps after the first call.
+
+float32 attention on the kernel path (CVT_FAST_FP32_ATTENTION, read when a layer is built or its backend set):
+"tf32x3" (the default: the kernel, with three TF32 tensor-core products per dot for float32-level accuracy) or
+"sdpa" (PyTorch's scaled_dot_product_attention, which also computes float32 attention on tensor cores). The GPU
+sweep (bench/kernel_bench.py) measures both.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,7 +53,7 @@ def resolve_backend(backend: str | None = None) -> str:
 
 
 def fp32_attention_mode() -> str:
-    """How float32 attention runs on the kernel path (read on every call, so a test or a sweep can switch it)."""
+    """How float32 attention runs on the kernel path, from CVT_FAST_FP32_ATTENTION."""
     mode = os.environ.get(FP32_ATTENTION_VAR, "tf32x3").strip().lower()
     if mode not in FP32_ATTENTION_MODES:
         raise InputError(
@@ -75,9 +80,8 @@ def kernels_import_error() -> str | None:
     return _kernel_import_error[0]
 
 
-def _environment_reason(tensors: Sequence[torch.Tensor], backend: str) -> str | None:
-    """Why the kernels cannot run on these tensors at all, or None."""
-    device, dtype = tensors[0].device, tensors[0].dtype
+def _environment_reason(device: torch.device, dtype: torch.dtype, backend: str) -> str | None:
+    """Why the kernels cannot run on tensors of this device and dtype at all, or None."""
     if device.type == "cpu":
         if not TRITON_INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             return (
@@ -100,35 +104,54 @@ def _environment_reason(tensors: Sequence[torch.Tensor], backend: str) -> str | 
     return None
 
 
-def choose_kernel(
-    op: str,
-    backend: str,
-    tensors: Sequence[torch.Tensor],
-    *,
-    training: bool = False,
-    unsupported: str | None = None,
-) -> str | None:
-    """Return None to run the kernel for `op`, or the reason the eager path runs instead.
+TRAINING = "training mode: the kernels have no backward and BatchNorm uses batch statistics"
+AUTOGRAD = "autograd is recording (no backward in the kernels); run inference under torch.inference_mode()"
+KERNEL = "triton"  # the path name of a kernel run; an eager run is named "eager: <reason>"
 
-    `unsupported` is the op's own reason for not covering this call (a shape or projection method), if any.
+
+class KernelRoute:
+    """Whether one fused op of one layer runs its Triton kernel, and if not, why.
+
+    `uncovered(dtype)` is the op's own reason not to cover this layer in that dtype (a projection method, a head
+    size), or None; it is asked once per device and dtype, as is the environment, and both verdicts are kept.
+    `taken` is the path of the last call: "triton" or "eager: <reason>" (kernel_paths() shows it).
     """
-    if backend == "eager":
-        return "backend='eager'"
-    if training:
-        return _fall_back(op, "training mode: the kernels have no backward and BatchNorm uses batch statistics")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _fall_back(
-            op, "autograd is recording (no backward in the kernels); run inference under torch.inference_mode()"
-        )
-    reason = _environment_reason(tensors, backend)
-    if reason is not None and backend == "triton":
-        raise KernelUnavailableError(
-            f"backend='triton' cannot run {op}: {reason}. Use backend='auto' (--backend auto) to fall back."
-        )
-    reason = reason or unsupported  # what the op does not cover runs eagerly under either backend
-    if reason is None:
-        return None
-    return _fall_back(op, reason, surprising=tensors[0].is_cuda)
+
+    def __init__(self, op: str, backend: str, uncovered: Callable[[torch.dtype], str | None] = lambda dtype: None):
+        self.op, self.backend, self._uncovered = op, backend, uncovered
+        self._verdicts: dict[tuple[torch.device, torch.dtype], str | None] = {}
+        self.taken: str | None = None
+
+    def reason(self, tensors: Sequence[torch.Tensor], training: bool) -> str | None:
+        """None to run the kernel on `tensors` (the op's inputs, weights included), else why the eager path runs."""
+        if self.backend == "eager":
+            reason = "backend='eager'"
+        elif training:
+            reason = _fall_back(self.op, TRAINING)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            reason = _fall_back(self.op, AUTOGRAD)
+        else:
+            key = (tensors[0].device, tensors[0].dtype)
+            if key in self._verdicts:
+                reason = self._verdicts[key]
+            else:
+                reason = self._decide(*key)
+                if not torch.compiler.is_compiling():  # a trace replays what it sees; it does not keep state
+                    self._verdicts[key] = reason
+        if not torch.compiler.is_compiling():
+            self.taken = KERNEL if reason is None else f"eager: {reason}"
+        return reason
+
+    def _decide(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        reason = _environment_reason(device, dtype, self.backend)
+        if reason is not None and self.backend == "triton":
+            raise KernelUnavailableError(
+                f"backend='triton' cannot run {self.op}: {reason}. Use backend='auto' (--backend auto) to fall back."
+            )
+        reason = reason or self._uncovered(dtype)  # what the op does not cover runs eagerly under either backend
+        if reason is None:
+            return None
+        return _fall_back(self.op, reason, surprising=device.type == "cuda")
 
 
 def log_once(message: str, level: int = logging.INFO) -> None:

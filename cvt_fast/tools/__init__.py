@@ -2,7 +2,8 @@
 it over folders of images. Nothing in the model's own modules imports from here.
 
   contenders.py         the benchmarks' contenders by name, and the defaults per device
-  reporting.py          what the benchmarks share: dtypes, the transformers twin, the machine's description, tables
+  models.py             the models they measure: random weights the same on every machine, transformers' twin
+  reporting.py          what the benchmarks share: dtypes, the machine's description, records, tables
   engines.py            ONNX Runtime (on either export), OpenVINO and the frozen path as contenders, built once
   benchmark.py          throughput and errors against transformers (cvt-fast bench)
   training_benchmark.py a fine-tuning step against transformers' (cvt-fast bench --train)
@@ -13,7 +14,16 @@ it over folders of images. Nothing in the model's own modules imports from here.
 import importlib
 from typing import Any
 
-_MODULES = ("benchmark", "contenders", "dataset_inference", "engines", "reporting", "resolution", "training_benchmark")
+_MODULES = (
+    "benchmark",
+    "contenders",
+    "dataset_inference",
+    "engines",
+    "models",
+    "reporting",
+    "resolution",
+    "training_benchmark",
+)
 
 
 def __getattr__(name: str) -> Any:  # `cvt_fast.tools.reporting` without importing it first, as for cvt_fast itself

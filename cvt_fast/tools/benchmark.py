@@ -12,7 +12,6 @@ import contextlib
 import copy
 import itertools
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import CvtConfig, preset_named
+from ..config import preset_named
 from ..errors import Refused
-from ..modeling import CvtForImageClassification
-from ..testing import randomize_
 from .contenders import BASELINE, ENGINES, THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
 from .engines import INSTALL, Engines, installed, openvino_native_bfloat16
+from .models import random_model, transformers_twin
 from .reporting import (
     DTYPES,
     check_models,
@@ -36,10 +34,11 @@ from .reporting import (
     pyplot,
     quiet_transformers,
     save_figure,
-    transformers_twin,
     versions,
+    write_records,
 )
 from .reporting import markdown_table as reporting_table
+from .timing import interleaved
 
 IMPLEMENTATIONS = THROUGHPUT
 
@@ -139,7 +138,6 @@ def _contender(
     return fn
 
 
-CPU_BLOCK = 3  # calls per contender per round on the CPU; the first of each block is not counted
 L2_BYTES = 50 * 2**20  # H100's L2; H200 has 60 MiB
 
 
@@ -196,8 +194,8 @@ def bench_case(
     dtype = DTYPES[dtype_name]
     found = versions()
     generator = torch.Generator().manual_seed(0)
-    config = CvtConfig.from_pretrained(model_name)  # a preset name or a config file
-    base = randomize_(CvtForImageClassification(config, backend="eager").eval(), generator)
+    base = random_model(model_name, generator)  # a preset name or a config file
+    config = base.config
     pixel_values = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator)
 
     progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: references")
@@ -289,28 +287,17 @@ def bench_case(
             torch.cuda.empty_cache()
 
     if device.type == "cpu" and contenders:
-        # Rounds interleave the contenders, so that drift on a shared machine hits all alike; within a round each
-        # runs a short block whose first call is not counted: the thread pools of torch, ONNX Runtime and OpenVINO
-        # each take a call to get going after another's, which would otherwise be charged to whoever runs next.
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        per_round: dict[str, list[float]] = {name: [] for name in contenders}
         with torch.inference_mode():  # each contender has been called twice already: warm
-            for r in range(rounds):
-                progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
-                for name, fn in contenders.items():
-                    block = []
-                    for call in range(CPU_BLOCK):
-                        start = time.perf_counter()
-                        fn(inputs[r % len(inputs)])
-                        if call > 0:
-                            block.append(time.perf_counter() - start)
-                    times[name] += block
-                    per_round[name].append(statistics.mean(block))
-        for name, samples in times.items():
-            seconds = statistics.median(samples)
-            records[name].ms_per_batch, records[name].images_per_s = seconds * 1e3, batch / seconds
-            rounds_s = per_round[name]
-            records[name].spread = (max(rounds_s) - min(rounds_s)) / statistics.median(rounds_s)
+            timings = interleaved(
+                {name: lambda r, fn=fn: fn(inputs[r % len(inputs)]) for name, fn in contenders.items()},
+                rounds,
+                progress=lambda r: progress(
+                    f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}"
+                ),
+            )
+        for name, timing in timings.items():
+            records[name].ms_per_batch, records[name].images_per_s = timing.seconds * 1e3, batch / timing.seconds
+            records[name].spread = timing.spread
     for r in records.values():  # every error is known now, the eager path's in this dtype among them
         if r.rel_err is not None:
             r.rule = _rule(dtype_name, r.rel_err, records)
@@ -386,14 +373,9 @@ def plot(records: list[Record], path: Path) -> bool:
 
 def write_results(records: list[Record], out_dir: Path) -> list[Path]:
     """bench.json, bench.md and (with matplotlib) bench.png in out_dir; the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
-    (out_dir / "bench.md").write_text(markdown_table(records))
-    written = [out_dir / "bench.json", out_dir / "bench.md"]
+    written = write_records(out_dir, "bench", records, markdown_table(records), lambda path: plot(records, path))
     if (out_dir / "bench.jsonl").exists():  # written record by record while the run went on
         written.insert(0, out_dir / "bench.jsonl")
-    if plot(records, out_dir / "bench.png"):
-        written.append(out_dir / "bench.png")
     return written
 
 

@@ -1,9 +1,11 @@
 """What the benchmarks share: the dtypes they take, the models they accept, the machine each figure names, progress
-lines, markdown tables and plots."""
+lines, markdown tables and plots, and the one way results are written."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import platform
 import sys
 import time
@@ -33,17 +35,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_description()
-
-
-def transformers_twin(model):
-    """transformers' CvtForImageClassification with `model`'s config and a copy of its weights: the baseline every
-    benchmark holds cvt_fast against."""
-    import transformers
-
-    config = transformers.CvtConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
-    twin = transformers.CvtForImageClassification(config)
-    twin.load_state_dict(model.state_dict())
-    return twin
 
 
 @contextlib.contextmanager
@@ -83,7 +74,7 @@ def cpu_description() -> str:
 def cpu_native_bfloat16() -> str | None:
     """The CPU's native bfloat16 instructions (AMX, AVX-512 BF16), or None where bfloat16 would be emulated (or
     where oneDNN, capped by ONEDNN_MAX_CPU_ISA, will not use them)."""
-    from ..ops.cpu import cpu_has_native_bfloat16
+    from ..ops.cpu_linear import cpu_has_native_bfloat16
 
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -179,3 +170,17 @@ def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_records(
+    out_dir: Path, stem: str, records: Sequence[object], markdown: str, plot: Callable[[Path], bool] | None = None
+) -> list[Path]:
+    """`stem`.json (the records, dataclasses, in full), `stem`.md (`markdown`) and, where `plot` draws one (it needs
+    matplotlib), `stem`.png, in out_dir; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    written[0].write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=1) + "\n")
+    written[1].write_text(markdown)
+    if plot is not None and plot(out_dir / f"{stem}.png"):
+        written.append(out_dir / f"{stem}.png")
+    return written

@@ -25,6 +25,7 @@ import torch
 from ..errors import Refused
 from .contenders import RESOLUTION, RESOLUTION_CPU_DEFAULT, RESOLUTION_GPU_DEFAULT
 from .engines import installed
+from .models import random_model, transformers_twin
 from .reporting import (
     DTYPES,
     check_models,
@@ -34,7 +35,7 @@ from .reporting import (
     pyplot,
     save_figure,
     status_kib,
-    transformers_twin,
+    write_records,
 )
 
 IMPLEMENTATIONS = RESOLUTION
@@ -64,16 +65,6 @@ class Point:
 
 
 # ---- one forward pass ---------------------------------------------------------------------------------------
-
-
-def random_model(model_name: str):
-    """The benchmark's model: a preset or config.json, random weights drawn from seed 0 (the same in every process)."""
-    from ..config import CvtConfig
-    from ..modeling import CvtForImageClassification
-    from ..testing import randomize_
-
-    config = CvtConfig.from_pretrained(model_name)  # a preset name or a config file
-    return randomize_(CvtForImageClassification(config, backend="eager").eval(), torch.Generator().manual_seed(0))
 
 
 def build(model_name: str, implementation: str, dtype: torch.dtype, device: torch.device, onnx_path: str | None = None):
@@ -293,9 +284,7 @@ def run(
                         if not point.status.startswith("skipped"):
                             progress(describe(point))
     if out_dir is not None:
-        (out_dir / "resolution.json").write_text(json.dumps([asdict(p) for p in points], indent=1) + "\n")
-        (out_dir / "resolution.md").write_text(markdown(points))
-        plot(points, out_dir / "resolution.png")
+        write_records(out_dir, "resolution", points, markdown(points), lambda path: plot(points, path))
     return points
 
 

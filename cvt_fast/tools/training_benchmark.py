@@ -2,27 +2,22 @@
 cvt_fast against transformers' model with the same weights, with the step's peak memory beside its speed and the
 gradients of one step (dropout and stochastic depth off) against transformers' beside both (see _grad_error);
 each contender's error is against float64, so transformers' own error is the scale of cvt_fast's.
-On the CPU the contenders run interleaved in short blocks (medians); on CUDA, timed one after the other."""
+The contenders run interleaved in short blocks (tools/timing.py), on either device; medians."""
 
 from __future__ import annotations
 
 import copy
-import json
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import CvtConfig
-from ..modeling import CvtForImageClassification
-from ..testing import randomize_
-from .reporting import DTYPES, device_name, markdown_table, transformers_twin, versions
+from .models import random_model, transformers_twin
+from .reporting import DTYPES, device_name, markdown_table, versions, write_records
+from .timing import interleaved
 
 IMPLEMENTATIONS = ("transformers", "cvt_fast")
-BLOCK = 3  # steps per contender per round on the CPU; the first of each block is not counted
 
 
 @dataclass
@@ -109,8 +104,8 @@ def train_case(
     dtype = DTYPES[dtype_name]
     found = versions()
     generator = torch.Generator().manual_seed(0)
-    config = CvtConfig.from_pretrained(model_name)
-    base = randomize_(CvtForImageClassification(config, backend="eager"), generator).to(device).train()
+    base = random_model(model_name, generator).to(device).train()
+    config = base.config
     x = torch.randn(batch, config.num_channels, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, max(config.num_labels, 1), (batch,), generator=generator).to(device)
     models = {"transformers": transformers_twin(base).to(device).train(), "cvt_fast": base}
@@ -143,22 +138,14 @@ def train_case(
             train_step(name)
             torch.cuda.synchronize(device)
             peaks[name] = torch.cuda.max_memory_allocated(device) - before
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds):
-        progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}")
-        for name in models:
-            for call in range(BLOCK):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                train_step(name)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if call > 0:
-                    times[name].append(time.perf_counter() - start)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timings = interleaved(
+        {name: lambda r, name=name: train_step(name) for name in models}, rounds, synchronize,
+        progress=lambda r: progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: round {r + 1}/{rounds}"),
+    )  # fmt: skip
     records = []
     for name in models:
-        seconds = statistics.median(times[name])
+        seconds = timings[name].seconds
         speed = dict(steps_per_s=1 / seconds, images_per_s=batch / seconds)
         records.append(record(name, **speed, peak_mem_bytes=peaks.get(name), saved_bytes=saved[name],
                               grad_err=errors[name]))  # fmt: skip
@@ -181,8 +168,6 @@ def run_training(
                               f"{r.images_per_s:7.1f} images/s  kept for backward {r.saved_bytes / 2**20:.0f} MiB"
                               f"{peak}  grad err {r.grad_err:.1e} against float64", flush=True)  # fmt: skip
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train.json").write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
         header = ["model", "size", "batch", "dtype", "implementation", "images/s", "vs transformers",
                   "kept for backward MiB", "peak MiB", "grad err vs float64"]  # fmt: skip
         rows = []
@@ -193,6 +178,6 @@ def run_training(
             rows.append((r.model, r.image_size, r.batch, r.dtype, r.implementation, f"{r.images_per_s:.1f}",
                          f"{r.images_per_s / base.images_per_s:.2f}x", f"{r.saved_bytes / 2**20:.0f}", mem,
                          f"{r.grad_err:.1e}"))  # fmt: skip
-        (out_dir / "train.md").write_text(markdown_table(header, rows))
-        print(f"results written to {out_dir / 'train.json'}, {out_dir / 'train.md'}")
+        written = write_records(out_dir, "train", records, markdown_table(header, rows))
+        print(f"results written to {', '.join(str(path) for path in written)}")
     return records
