@@ -105,3 +105,43 @@ def test_kernel_paths_print_each_reason_once():
     mixed = type(paths)(a={"attention": "triton", "linear": "F.linear: x"}, b={"attention": "eager: y"})
     assert str(mixed).splitlines() == ["a: attention triton, linear F.linear [1]", "b: attention eager [2]", "[1] x",
                                        "[2] y"]  # fmt: skip
+
+
+def test_decisions_are_taken_once_not_on_every_forward(monkeypatch):
+    """The environment is read when the model is built or its backend set, not per call; what the tensors bring
+    (device, dtype) is decided on their first call and kept, while training and autograd are looked at each time."""
+    from cvt_fast.ops import cpu_linear
+    from cvt_fast.ops.dispatch import FP32_ATTENTION_VAR, KernelRoute
+
+    monkeypatch.delenv(FP32_ATTENTION_VAR, raising=False)
+    monkeypatch.delenv(cpu_linear.ONEDNN_LINEAR_VAR, raising=False)
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="auto").eval()
+    decided = []
+    real_decide = KernelRoute._decide
+    monkeypatch.setattr(KernelRoute, "_decide", lambda self, *key: decided.append(key) or real_decide(self, *key))
+    x = torch.randn(1, 3, 32, 32)
+    monkeypatch.setenv(FP32_ATTENTION_VAR, "not-a-mode")  # set after the model was built: not read by a forward
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_VAR, "0")
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        assert len(decided) == 2 * 2  # two layers, two fused ops each, once for (cpu, float32)
+        model.double()(x.double())
+        assert len(decided) == 2 * 2 * 2  # float64: a new verdict, once
+        model.float()(x)
+        linear_paths = {layer["linear"] for layer in model.kernel_paths().values()}
+    assert not any(cpu_linear.ONEDNN_LINEAR_VAR in path for path in linear_paths), linear_paths
+    model.train()(x)  # training is looked at on every call
+    assert {p for layer in model.kernel_paths().values() for p in fused_ops(layer).values()} == {
+        f"eager: {dispatch.TRAINING}"
+    }
+    assert len(decided) == 2 * 2 * 2
+    with pytest.raises(ValueError, match=f"{FP32_ATTENTION_VAR} is 'not-a-mode'"):
+        model.set_backend("auto")  # ... where the environment is read again
+    monkeypatch.setenv(FP32_ATTENTION_VAR, "tf32x3")
+    model.set_backend("auto")
+    with torch.inference_mode():
+        model.eval()(x)
+    assert {layer["linear"] for layer in model.kernel_paths().values()} == {
+        f"F.linear: {cpu_linear.ONEDNN_LINEAR_VAR}=0"
+    }
