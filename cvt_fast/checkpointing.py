@@ -94,4 +94,66 @@ def checked_checkpoint_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
-__all__ = ["CheckpointPlan", "batchnorm_statistics_frozen", "checkpoint_plan", "checkpointed_call"]
+class CheckpointedLayers(nn.Module):
+    """A stage's run over its layers, each recomputed in backward where the model's plan covers it.
+    `gradient_checkpointing` holds the plan while enabled; `first_layer` is the index of the stage's first layer in
+    the whole model (plans count layers across stages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing: CheckpointPlan | None = None
+        self.first_layer = 0
+
+    def run_layers(self, layers: nn.Sequential, hidden_state: torch.Tensor, *args: Any) -> torch.Tensor:
+        plan = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
+        for index, layer in enumerate(layers, self.first_layer):
+            if plan is not None and plan.covers(index):  # activations recomputed in backward, one layer at a time
+                hidden_state = checkpointed_call(layer, hidden_state, *args, offload=plan.offload, **plan.kwargs)
+            else:
+                hidden_state = layer(hidden_state, *args)
+        return hidden_state
+
+
+class GradientCheckpointingMixin:
+    """transformers' gradient checkpointing methods (and their newer activation_ names), for a model whose stages
+    are CheckpointedLayers."""
+
+    supports_gradient_checkpointing = True
+
+    def _checkpointed_stages(self) -> list[CheckpointedLayers]:
+        return [m for m in self.modules() if isinstance(m, CheckpointedLayers)]
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them (training memory per
+        stage drops to one layer's activations), as transformers' models offer: every layer, or every
+        `every_n_layers`-th; `offload` keeps what the checkpoints save on the CPU. BatchNorm statistics, outputs and
+        gradients are those of the same step without it."""
+        plan = checkpoint_plan(gradient_checkpointing_kwargs, every_n_layers, offload)
+        for stage in self._checkpointed_stages():
+            stage.gradient_checkpointing = plan
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' newer name for gradient_checkpointing_enable (Trainer calls it)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for stage in self._checkpointed_stages():
+            stage.gradient_checkpointing = None
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(stage.gradient_checkpointing is not None for stage in self._checkpointed_stages())
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
+
+__all__ = [
+    "CheckpointPlan", "CheckpointedLayers", "GradientCheckpointingMixin", "batchnorm_statistics_frozen",
+    "checkpoint_plan", "checkpointed_call",
+]  # fmt: skip

@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from . import ops
-from .checkpointing import CheckpointPlan, checkpoint_plan, checkpointed_call
+from .checkpointing import CheckpointedLayers, GradientCheckpointingMixin
 from .checks import check_labels, check_pixel_values
 from .config import CvtConfig
-from .ops.dispatch import prepare_backend, resolve_backend
+from .ops.dispatch import KernelPaths, prepare_backend, resolve_backend
 from .outputs import BaseModelOutputWithCLSToken, ImageClassifierOutputWithNoAttention
 
 # ---- linear layers ------------------------------------------------------------------------------------------
@@ -286,12 +286,10 @@ def layer_drop_path_rates(config: CvtConfig, stage: int) -> list[float]:
     return [rates[stage]] * depth if stage < depth else rates
 
 
-class CvtStage(nn.Module):
+class CvtStage(CheckpointedLayers):
     def __init__(self, config: CvtConfig, stage: int, backend: str = "auto"):
         super().__init__()
         self.stage = stage
-        self.gradient_checkpointing: CheckpointPlan | None = None  # while enabled
-        self.first_layer = 0  # the index of this stage's first layer in the whole model (CvtEncoder sets it)
         embed_dim = config.embed_dim[stage]
         if config.cls_token[stage]:
             # (transformers sizes this by embed_dim[-1], which breaks a cls token on any stage but the last.)
@@ -334,14 +332,7 @@ class CvtStage(nn.Module):
         if self.cls_token is not None:
             cls = self.cls_token.expand(hidden_state.shape[0], -1, -1)
             hidden_state = torch.cat((cls, hidden_state), dim=1)  # (B, 1 + H*W, C)
-        plan = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
-        for index, layer in enumerate(self.layers, self.first_layer):
-            if plan is not None and plan.covers(index):  # activations recomputed in backward, one layer at a time
-                hidden_state = checkpointed_call(
-                    layer, hidden_state, height, width, offload=plan.offload, **plan.kwargs
-                )
-            else:
-                hidden_state = layer(hidden_state, height, width)
+        hidden_state = self.run_layers(self.layers, hidden_state, height, width)
         cls_token, tokens = ops.split_cls(hidden_state, self.cls_token is not None)
         return ops.tokens_to_grid(tokens, height, width), cls_token  # (B, C, H, W) view, (B, 1, C) or None
 
@@ -369,32 +360,6 @@ class CvtEncoder(nn.Module):
 # ---- models -------------------------------------------------------------------------------------------------
 
 
-class KernelPaths(dict):
-    """{layer: {op: path}}, as kernel_paths returns it. Printed, the layers that took the same paths share one line
-    and each reason is written once, as a numbered note."""
-
-    def __str__(self) -> str:
-        groups: dict[tuple, list[str]] = {}
-        for layer, layer_paths in self.items():
-            groups.setdefault(tuple(layer_paths.items()), []).append(layer)
-        reasons: list[str] = []
-        lines = []
-        for layer_paths, layers in groups.items():
-            cells = []
-            for op, path in layer_paths:
-                taken, _, reason = path.partition(": ")
-                if reason:
-                    if reason not in reasons:
-                        reasons.append(reason)
-                    taken += f" [{reasons.index(reason) + 1}]"
-                cells.append(f"{op} {taken}")
-            where = layers[0] if len(layers) == 1 else f"{len(layers)} layers ({layers[0]} ... {layers[-1]})"
-            lines.append(f"{where}: {', '.join(cells)}")
-        return "\n".join(lines + [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)])
-
-    __repr__ = __str__
-
-
 def kernel_paths(model: nn.Module) -> KernelPaths:
     """{layer: {op: path}} for every cvt_fast attention layer in `model` (a cvt_fast model or a patched
     transformers one), from its last forward: "qkv_projection" and "attention" are "triton" or "eager: <reason>";
@@ -410,12 +375,11 @@ def kernel_paths(model: nn.Module) -> KernelPaths:
     return paths
 
 
-class CvtPreTrainedModel(nn.Module):
+class CvtPreTrainedModel(GradientCheckpointingMixin, nn.Module):
     """Config, backend, weight init and checkpoint loading/saving shared by both models."""
 
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
-    supports_gradient_checkpointing = True
     _keys_to_ignore_on_save = None  # what transformers' Trainer asks of a model: every key is saved
 
     def __init__(self, config: CvtConfig, backend: str | None = None):
@@ -452,37 +416,6 @@ class CvtPreTrainedModel(nn.Module):
                 module.backend = self._backend
             elif isinstance(module, CvtLinear):
                 module.route = ops.LinearRoute()
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
-    ) -> None:
-        """Recompute each layer's activations in the backward pass instead of keeping them (training memory per
-        stage drops to one layer's activations), as transformers' models offer: every layer, or every
-        `every_n_layers`-th; `offload` keeps what the checkpoints save on the CPU. BatchNorm statistics, outputs and
-        gradients are those of the same step without it."""
-        plan = checkpoint_plan(gradient_checkpointing_kwargs, every_n_layers, offload)
-        for module in self.modules():
-            if isinstance(module, CvtStage):
-                module.gradient_checkpointing = plan
-
-    def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
-    ) -> None:
-        """transformers' newer name for gradient_checkpointing_enable (Trainer calls it)."""
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
-
-    def gradient_checkpointing_disable(self) -> None:
-        for module in self.modules():
-            if isinstance(module, CvtStage):
-                module.gradient_checkpointing = None
-
-    activation_checkpointing_disable = gradient_checkpointing_disable
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(isinstance(m, CvtStage) and m.gradient_checkpointing is not None for m in self.modules())
-
-    is_activation_checkpointing = is_gradient_checkpointing
 
     def kernel_paths(self) -> KernelPaths:
         """Which path each attention layer's fused ops took in the last forward (see kernel_paths)."""

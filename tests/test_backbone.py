@@ -248,7 +248,7 @@ def test_gradient_checkpointing_under_torch_compile(fullgraph):
 def test_checkpointing_every_nth_layer_and_offloaded_changes_nothing_but_memory(every_n_layers, offload, monkeypatch):
     """What transformers' Trainer asks for (activation_checkpointing_enable with every_n_layers and offload): the
     layers with index 0, n, 2n, ... across stages are recomputed, the rest run as usual, and the step is the same."""
-    from cvt_fast import modeling
+    from cvt_fast import checkpointing
 
     small = dict(depth=[1, 3], embed_dim=[16, 32], num_heads=[1, 2], cls_token=[False, True], num_labels=5)
     torch.manual_seed(0)
@@ -258,9 +258,9 @@ def test_checkpointing_every_nth_layer_and_offloaded_changes_nothing_but_memory(
     checkpointed.activation_checkpointing_enable(None, every_n_layers=every_n_layers, offload=offload)
     assert checkpointed.is_activation_checkpointing
     recomputed = []
-    real = modeling.checkpointed_call
+    real = checkpointing.checkpointed_call
     monkeypatch.setattr(
-        modeling, "checkpointed_call", lambda layer, *a, **k: recomputed.append(layer) or real(layer, *a, **k)
+        checkpointing, "checkpointed_call", lambda layer, *a, **k: recomputed.append(layer) or real(layer, *a, **k)
     )
     x, labels = torch.randn(3, 3, 40, 32, dtype=torch.float64), torch.tensor([0, 4, 2])
     assert torch.equal(training_step(plain, x, labels, 0), training_step(checkpointed, x, labels, 0))

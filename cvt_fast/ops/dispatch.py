@@ -165,3 +165,29 @@ def _fall_back(op: str, reason: str, surprising: bool = False) -> str:
     # On CUDA a fallback costs speed the user came for, so it is a warning; elsewhere it is expected.
     log_once(f"{op} runs eagerly: {reason}", logging.WARNING if surprising else logging.INFO)
     return reason
+
+
+class KernelPaths(dict):
+    """{layer: {op: path}}, as kernel_paths returns it. Printed, the layers that took the same paths share one line
+    and each reason is written once, as a numbered note."""
+
+    def __str__(self) -> str:
+        groups: dict[tuple, list[str]] = {}
+        for layer, layer_paths in self.items():
+            groups.setdefault(tuple(layer_paths.items()), []).append(layer)
+        reasons: list[str] = []
+        lines = []
+        for layer_paths, layers in groups.items():
+            cells = []
+            for op, path in layer_paths:
+                taken, _, reason = path.partition(": ")
+                if reason:
+                    if reason not in reasons:
+                        reasons.append(reason)
+                    taken += f" [{reasons.index(reason) + 1}]"
+                cells.append(f"{op} {taken}")
+            where = layers[0] if len(layers) == 1 else f"{len(layers)} layers ({layers[0]} ... {layers[-1]})"
+            lines.append(f"{where}: {', '.join(cells)}")
+        return "\n".join(lines + [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)])
+
+    __repr__ = __str__
