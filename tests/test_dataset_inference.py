@@ -620,38 +620,15 @@ def test_a_refusal_on_one_rank_is_printed_once_by_rank_0_and_every_rank_exits_2(
     assert codes in (["2", "2"], ["-15", "2"]) and result.returncode == 1, result.stderr
 
 
-SLOW_RANKS = """
-import os, sys, time
-from pathlib import Path
-from cvt_fast import cli
-from cvt_fast.tools.dataset_inference import model_loop
-
-Path(sys.argv[1], f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
-real = model_loop.classify_batch
-
-def slow(*args, **kwargs):  # one batch at a time, slowly enough to be killed in the middle of the run
-    time.sleep(0.3)
-    return real(*args, **kwargs)
-
-model_loop.classify_batch = slow  # where classify_shard looks it up
-sys.exit(cli.main(sys.argv[2:]))
-"""
+SLOW_CLASSIFY = str(Path(__file__).resolve().parent / "support" / "slow_classify.py")
 
 
 def test_a_run_whose_rank_was_killed_resumes_to_the_same_output(capsys, workspace, expected, tmp_path):
     root, readable = workspace
-    (tmp_path / "slow_ranks.py").write_text(SLOW_RANKS)
     output = tmp_path / "results.jsonl"
     args = dataset_args(root, output, "--workers", "1", "--batch-size", "1")
-    command = [
-        *torchrun_command(),
-        "--nproc_per_node",
-        "2",
-        "slow_ranks.py",
-        str(tmp_path),
-        "classify",
-        *map(str, args),
-    ]
+    command = [*torchrun_command(), "--nproc_per_node", "2", SLOW_CLASSIFY, "--batch-delay", "0.3",
+               "--pid-dir", str(tmp_path), "classify", *map(str, args)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = tmp_path / "results.jsonl.parts" / "rank-1.jsonl"
@@ -703,12 +680,10 @@ def test_ctrl_c_says_how_far_the_run_got_and_the_same_command_goes_on(workspace,
     output = tmp_path / "results.jsonl"
     argv = ["classify", "--model", str(root / "ckpt"), "--input", str(root / "images"), "--output", str(output),
             "--batch-size", "1", "--workers", "0"]  # fmt: skip
-    slow = (  # each image takes a while to decode, so that the interrupt lands midway
-        "import sys, time\nfrom cvt_fast.tools.dataset_inference import loader\nreal = loader.read_pixel_values\n"
-        "loader.read_pixel_values = lambda path, processor: (time.sleep(0.2), real(path, processor))[1]\n"
-        f"from cvt_fast.cli import main\nsys.exit(main({argv!r}))\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(  # each image takes a while to decode, so that the interrupt lands midway
+        [sys.executable, SLOW_CLASSIFY, "--decode-delay", "0.2", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     part = Path(f"{output}.parts") / "rank-0.jsonl"
     deadline = time.monotonic() + 120
     while not (part.is_file() and len(part.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
