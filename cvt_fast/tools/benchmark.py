@@ -232,47 +232,13 @@ def bench_case(
             on_record(records[name])
 
     for name in implementations:
-        if name == "transformers-eager-cast" and dtype == torch.float32:
-            continue  # the same as transformers-eager
-        if name.startswith("onnxruntime") and (dtype != torch.float32 or device.type != "cpu"):
-            continue  # the exports are float32, and run on ONNX Runtime's CPU provider
-        if name == "cvt_fast-frozen" and (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"):
-            continue  # compiled for the CPU, in float32 or bfloat16
-        if name == "openvino" and (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"):
+        if not _applies(name, dtype, device):
             continue
-        if name == "openvino" and dtype == torch.bfloat16 and not openvino_native_bfloat16():
-            continue  # OpenVINO would run float32 under a bfloat16 label
         progress(f"{model_name} {image_size}px batch {batch} {dtype_name}: preparing {name}")
         try:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                allocated_before = torch.cuda.memory_allocated(device)
-            start = time.perf_counter()
-            fn = _contender(name, model_name, base, dtype, device, x, engines)
-            with torch.inference_mode():  # the first call compiles (torch.compile, Triton's JIT)
-                fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compiled = name.endswith(("compile", "cudagraph"))
-            compile_s = time.perf_counter() - start if compiled else None
-            frozen = getattr(fn, "frozen", None)
-            if frozen is not None:  # compiled once, perhaps for an earlier case: its own compile time
-                compile_s = frozen.info.compile_s
-            peak = None
-            if device.type == "cuda":  # a steady-state call: weights, graph pools and its own activations
-                torch.cuda.reset_peak_memory_stats(device)
-            with torch.inference_mode():
-                logits = fn(x)
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) - allocated_before
-            err = (logits.double().cpu() - reference).abs().max().item()
-            note = "the float32 reference" if name == "transformers-eager" and dtype == torch.float32 else None
-            if frozen is not None and frozen.info.dynamic_batch:
-                note = f"one package for batches 1 to {frozen.batch_size}"
-            if not torch.isfinite(logits).all():
-                err = float("nan")
-            rel_err = err / reference_scale
-            record(name, max_err=err, peak_mem_bytes=peak, note=note, compile_s=compile_s, rel_err=rel_err)
+            fn, fields = _prepared(name, model_name, base, dtype, device, x, engines)
+            err = (fields.pop("logits").double().cpu() - reference).abs().max().item()
+            record(name, max_err=err, rel_err=err / reference_scale, **fields)  # NaN where a logit is not finite
             contenders[name] = fn
         except Exception as error:  # one contender failing (out of memory, say) must not stop the rest
             record(name, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
@@ -305,6 +271,51 @@ def bench_case(
         for name in contenders:
             final(name)
     return [records[name] for name in implementations if name in records]
+
+
+def _applies(name: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a contender runs in this dtype on this device (and differs from another that does)."""
+    if name == "transformers-eager-cast":
+        return dtype != torch.float32  # in float32, the same as transformers-eager
+    if name.startswith("onnxruntime"):
+        return dtype == torch.float32 and device.type == "cpu"  # float32 exports, on ONNX Runtime's CPU provider
+    if name in ("cvt_fast-frozen", "openvino"):  # compiled for the CPU, in float32 or bfloat16
+        if dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu":
+            return False
+    if name == "openvino" and dtype == torch.bfloat16:
+        return openvino_native_bfloat16()  # else OpenVINO would run float32 under a bfloat16 label
+    return True
+
+
+def _prepared(name, model_name, base, dtype, device, x, engines) -> tuple[Callable, dict]:
+    """The contender, called twice (the first call compiles: torch.compile, Triton's JIT), and what those calls
+    showed: its logits, compile time, steady-state peak memory on CUDA, and a note."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    fn = _contender(name, model_name, base, dtype, device, x, engines)
+    with torch.inference_mode():
+        fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - start if name.endswith(("compile", "cudagraph")) else None
+    frozen = getattr(fn, "frozen", None)
+    if frozen is not None:  # compiled once, perhaps for an earlier case: its own compile time
+        compile_s = frozen.info.compile_s
+    peak = None
+    if device.type == "cuda":  # a steady-state call: weights, graph pools and its own activations
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        logits = fn(x)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - allocated_before
+    note = "the float32 reference" if name == "transformers-eager" and dtype == torch.float32 else None
+    if frozen is not None and frozen.info.dynamic_batch:
+        note = f"one package for batches 1 to {frozen.batch_size}"
+    if not torch.isfinite(logits).all():
+        logits = torch.full_like(logits, float("nan"))  # the error is then NaN, whatever the finite logits say
+    return fn, dict(logits=logits, peak_mem_bytes=peak, note=note, compile_s=compile_s)
 
 
 def _rule(dtype_name: str, rel_err: float, records: dict[str, Record]) -> str:
