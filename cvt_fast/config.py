@@ -49,6 +49,14 @@ STAGE_PARAMETERS = (
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
+# CvT as transformers runs it (the defaults, for parity) or as its authors trained it (microsoft/CvT). Neither field
+# is transformers': it keeps them in config.json and runs exact GELU and its own stochastic depth whatever they say.
+HIDDEN_ACTS = ("gelu", "quick_gelu")  # exact GELU; x * sigmoid(1.702 x), the original's
+# "transformers": one drop-path rate per stage (the stage-index-th of linspace(0, rate, depth)), applied to the sum
+# after the MLP's residual add, so a dropped sample loses its whole hidden state. "original": layer j of a stage
+# takes the j-th rate, applied to the attention and MLP branches only.
+STOCHASTIC_DEPTHS = ("transformers", "original")
+
 # The smallest value each integer per-stage parameter takes (paddings may be 0; sizes, strides and counts not).
 STAGE_INTEGER_MINIMUM = {
     "patch_sizes": 1,
@@ -96,6 +104,8 @@ class CvtConfig:
         stride_q=(1, 1, 1),
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
+        hidden_act: str = "gelu",
+        stochastic_depth: str = "transformers",
         num_labels: int | None = None,
         id2label: dict | None = None,
         label2id: dict | None = None,
@@ -114,6 +124,8 @@ class CvtConfig:
         # Kept for config.json fidelity only: transformers' CvT builds every LayerNorm with the default eps 1e-5
         # and never reads this value, and cvt_fast does the same to give the same numbers.
         self.layer_norm_eps = layer_norm_eps
+        self.hidden_act = hidden_act
+        self.stochastic_depth = stochastic_depth
         self.problem_type = problem_type
         self.output_hidden_states = output_hidden_states
         self.return_dict = return_dict
@@ -198,6 +210,9 @@ class CvtConfig:
         # Only its type: transformers' CvT never reads layer_norm_eps (every LayerNorm uses 1e-5), so any number
         # it holds is kept for config.json and harms nothing.
         check_number("layer_norm_eps", self.layer_norm_eps)
+        for name, choices in (("hidden_act", HIDDEN_ACTS), ("stochastic_depth", STOCHASTIC_DEPTHS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} {describe_value(getattr(self, name))} is not one of {choices}")
         if not isinstance(self.id2label, dict) or not all(_is_integer(key) for key in self.id2label):
             raise ConfigError(
                 f"id2label must be a dict of class indices to label names, got {describe_value(self.id2label)}"
@@ -313,6 +328,10 @@ class CvtConfig:
             id2label={str(k): v for k, v in self.id2label.items()},
             label2id=dict(self.label2id),
         )
+        if self.hidden_act != "gelu":  # written only when set, so that a default config.json is transformers'
+            out["hidden_act"] = self.hidden_act
+        if self.stochastic_depth != "transformers":
+            out["stochastic_depth"] = self.stochastic_depth
         if self.problem_type is not None:
             out["problem_type"] = self.problem_type
         if self.output_hidden_states:
@@ -425,6 +444,19 @@ def transformers_cannot_run(config: CvtConfig) -> list[str]:
             "stage's embed_dim)"
         )
     return problems
+
+
+def transformers_runs_otherwise(config: CvtConfig) -> list[str]:
+    """What transformers, loading `config`, would silently run otherwise (it ignores these fields), one line each."""
+    differences = []
+    if config.hidden_act != "gelu":
+        differences.append(f"hidden_act {config.hidden_act!r} (transformers runs exact GELU)")
+    if config.stochastic_depth != "transformers" and any(config.drop_path_rate[: config.num_stages]):
+        differences.append(
+            f"stochastic_depth {config.stochastic_depth!r} (in training, transformers drops the whole hidden state "
+            "after the MLP's residual add, at one rate per stage)"
+        )
+    return differences
 
 
 def _is_integer(value: Any) -> bool:

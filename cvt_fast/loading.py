@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .checks import check_device
-from .config import CONFIG_NAME, CvtConfig, transformers_cannot_run
+from .config import CONFIG_NAME, CvtConfig, transformers_cannot_run, transformers_runs_otherwise
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, ConfigError, one_line
 from .files import read_json_object, replacing
 from .hub import resolve_checkpoint_dir
@@ -368,6 +368,10 @@ def save_pretrained(model, directory: str | os.PathLike, safe_serialization: boo
     if unloadable:
         logger.warning("cvt_fast: saved in %s, which cvt_fast loads but transformers cannot run: %s", directory,
                        "; ".join(unloadable))  # fmt: skip
+    otherwise = transformers_runs_otherwise(model.config)
+    if otherwise:
+        logger.warning("cvt_fast: saved in %s; transformers loads it but runs another model, silently: %s", directory,
+                       "; ".join(otherwise))  # fmt: skip
 
 
 def _write_weights(state_dict: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:

@@ -5,9 +5,11 @@ its output, as a view. Each attention layer's q/k/v projection and attention go 
 the layer builds once (with its backend) that pick the Triton kernel or the eager reference; nothing in this file
 looks at devices or dtypes.
 
-Quirks kept for parity with transformers (docs/kernels.md): attention scale embed_dim ** -0.5, exact GELU, LayerNorm
-eps 1e-5 everywhere (config.layer_norm_eps is ignored), stochastic depth applied to the MLP output *after* its
-residual add, and one drop-path rate for a whole stage (the stage-index-th of its linspace).
+Quirks kept for parity with transformers (docs/kernels.md): attention scale embed_dim ** -0.5, LayerNorm eps 1e-5
+everywhere (config.layer_norm_eps is ignored), and by default exact GELU, stochastic depth applied to the MLP output
+*after* its residual add, and one drop-path rate for a whole stage (the stage-index-th of its linspace). The
+config's hidden_act="quick_gelu" and stochastic_depth="original" give the original CvT's instead (microsoft/CvT:
+QuickGELU; each layer its own rate, on the attention and MLP branches only).
 """
 
 from __future__ import annotations
@@ -218,11 +220,18 @@ class CvtAttention(nn.Module):
 # ---- MLP and layer ------------------------------------------------------------------------------------------
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the original CvT's activation (config.hidden_act "quick_gelu")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class CvtIntermediate(nn.Module):
-    def __init__(self, embed_dim: int, mlp_ratio: float):
+    def __init__(self, embed_dim: int, mlp_ratio: float, hidden_act: str = "gelu"):
         super().__init__()
         self.dense = CvtLinear(embed_dim, int(embed_dim * mlp_ratio))
-        self.activation = nn.GELU()  # exact GELU, as transformers (the original CvT used QuickGELU)
+        self.activation = QuickGELU() if hidden_act == "quick_gelu" else nn.GELU()  # exact GELU, as transformers
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         return self.activation(self.dense(hidden_state))
@@ -234,8 +243,10 @@ class CvtOutput(nn.Module):
         self.dense = CvtLinear(int(embed_dim * mlp_ratio), embed_dim)
         self.dropout = nn.Dropout(drop_rate)
 
-    def forward(self, hidden_state: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_state)) + input_tensor
+    def forward(self, hidden_state: torch.Tensor, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output plus its residual input; without one, the branch alone."""
+        branch = self.dropout(self.dense(hidden_state))
+        return branch if input_tensor is None else branch + input_tensor
 
 
 class CvtDropPath(nn.Module):
@@ -258,32 +269,40 @@ class CvtDropPath(nn.Module):
 
 
 class CvtLayer(nn.Module):
-    def __init__(self, embed_dim: int, mlp_ratio: float, drop_rate: float, drop_path_rate: float, **attention_kwargs):
+    def __init__(
+        self, embed_dim: int, mlp_ratio: float, drop_rate: float, drop_path_rate: float, hidden_act: str = "gelu",
+        stochastic_depth: str = "transformers", **attention_kwargs,
+    ):  # fmt: skip
         super().__init__()
         self.attention = CvtAttention(embed_dim=embed_dim, drop_rate=drop_rate, **attention_kwargs)
-        self.intermediate = CvtIntermediate(embed_dim, mlp_ratio)
+        self.intermediate = CvtIntermediate(embed_dim, mlp_ratio, hidden_act)
         self.output = CvtOutput(embed_dim, mlp_ratio, drop_rate)
         self.drop_path = CvtDropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.layernorm_before = nn.LayerNorm(embed_dim)
         self.layernorm_after = nn.LayerNorm(embed_dim)
+        self.drops_branches = stochastic_depth == "original"
 
     def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
         attention_output = self.attention(self.layernorm_before(hidden_state), height, width)
         hidden_state = self.drop_path(attention_output) + hidden_state
-        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_state)), hidden_state)
-        return self.drop_path(layer_output)  # transformers drops the residual sum, not just the MLP branch
+        mlp_input = self.intermediate(self.layernorm_after(hidden_state))
+        if self.drops_branches:  # the original CvT: only the MLP's branch is dropped
+            return hidden_state + self.drop_path(self.output(mlp_input))
+        return self.drop_path(self.output(mlp_input, hidden_state))  # transformers drops the residual sum
 
 
 # ---- stages, encoder ----------------------------------------------------------------------------------------
 
 
 def layer_drop_path_rates(config: CvtConfig, stage: int) -> list[float]:
-    """transformers gives every layer of stage s the s-th entry of linspace(0, rate, depth): kept for parity.
-    Where that entry does not exist (depth <= s, on which transformers crashes), each layer takes its own entry,
-    as in the original CvT."""
+    """The original CvT gives layer j of a stage the j-th entry of linspace(0, rate, depth). transformers (the
+    default, config.stochastic_depth "transformers") gives every layer of stage s the s-th entry; where that entry
+    does not exist (depth <= s, on which transformers crashes), each layer takes its own, as in the original."""
     depth = config.depth[stage]
     rates = [x.item() for x in torch.linspace(0, config.drop_path_rate[stage], depth, device="cpu")]
-    return [rates[stage]] * depth if stage < depth else rates
+    if config.stochastic_depth == "original" or stage >= depth:
+        return rates
+    return [rates[stage]] * depth
 
 
 class CvtStage(CheckpointedLayers):
@@ -311,6 +330,8 @@ class CvtStage(CheckpointedLayers):
                     mlp_ratio=config.mlp_ratio[stage],
                     drop_rate=config.drop_rate[stage],
                     drop_path_rate=rate,
+                    hidden_act=config.hidden_act,
+                    stochastic_depth=config.stochastic_depth,
                     num_heads=config.num_heads[stage],
                     kernel_size=config.kernel_qkv[stage],
                     padding_q=config.padding_q[stage],
@@ -467,6 +488,16 @@ class CvtPreTrainedModel(GradientCheckpointingMixin, nn.Module):
         from .loading import from_pretrained
 
         return from_pretrained(cls, name_or_path, **kwargs)
+
+    @classmethod
+    def from_original(cls, checkpoint, spec, **kwargs):
+        """Load a checkpoint of the original CvT (microsoft/CvT's .pth) with its spec: a YAML file, its MODEL.SPEC as
+        a dict, or a preset name (cvt-13, cvt-21, cvt-w24, each also -384). The model runs the original's numerics
+        (hidden_act "quick_gelu", stochastic_depth "original"); `kwargs` are config fields or `backend`. See
+        cvt_fast.original."""
+        from .original import load_original
+
+        return load_original(cls, checkpoint, spec, **kwargs)
 
     def save_pretrained(self, directory, **kwargs) -> None:
         """Write config.json and model.safetensors, which transformers' from_pretrained loads back."""

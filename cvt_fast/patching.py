@@ -136,7 +136,8 @@ def from_transformers(model: nn.Module, backend: str | None = None) -> CvtModel 
     kind = type(model).__name__
     if kind not in ("CvtModel", "CvtForImageClassification") or not type(model).__module__.startswith("transformers."):
         raise InputTypeError(f"expected a transformers CvtModel or CvtForImageClassification, got {kind}")
-    config = CvtConfig.from_dict(model.config.to_dict())
+    # What the transformers model runs, whatever its config says of the original CvT's numerics (it ignores them).
+    config = CvtConfig.from_dict(model.config.to_dict(), hidden_act="gelu", stochastic_depth="transformers")
     fast_class = CvtForImageClassification if kind == "CvtForImageClassification" else CvtModel
     with torch.device("meta"):
         fast = fast_class(config, backend=backend)

@@ -29,6 +29,7 @@ LAYERS = [
             "cvt_fast.outputs",
             "cvt_fast.checkpointing",
             "cvt_fast.loading",
+            "cvt_fast.original",
             "cvt_fast.modeling",
             "cvt_fast.backbone",
             "cvt_fast.image_processing",

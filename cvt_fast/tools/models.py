@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CvtConfig
+from ..errors import Refused
 from ..modeling import CvtForImageClassification, CvtModel
 from ..testing import randomize_
 
@@ -27,6 +28,11 @@ def transformers_twin(model):
     benchmark holds cvt_fast against."""
     import transformers
 
+    from ..config import transformers_runs_otherwise
+
+    otherwise = transformers_runs_otherwise(model.config)
+    if otherwise:
+        raise Refused(f"transformers would run another model: {'; '.join(otherwise)}")
     config = transformers.CvtConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
     twin = transformers.CvtForImageClassification(config)
     twin.load_state_dict(model.state_dict())

@@ -1,0 +1,220 @@
+"""Checkpoints of the original CvT (microsoft/CvT): its .pth files and YAML specs, loaded as cvt_fast models that run
+the original's numerics (QuickGELU, stochastic depth on the branches at per-layer rates).
+
+Each key of the original layout (stage0.patch_embed.proj.weight, stage2.blocks.3.attn.conv_proj_q.conv.weight,
+stage2.cls_token, norm, head) has one place in cvt_fast's (transformers') names: _TEMPLATES below, read both ways.
+Read like every other checkpoint: torch.load(weights_only=True), tensors only, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PRESETS, CvtConfig
+from .errors import CheckpointError, ConfigError, MissingDependencyError, describe_value
+from .loading import OPTIONAL_SUFFIXES, _check_tensors, _listing, _read_pickle
+
+# The original's per-stage spec fields (MODEL.SPEC in its YAML files) and the config fields they fill.
+SPEC_FIELDS = {
+    "PATCH_SIZE": "patch_sizes",
+    "PATCH_STRIDE": "patch_stride",
+    "PATCH_PADDING": "patch_padding",
+    "DIM_EMBED": "embed_dim",
+    "NUM_HEADS": "num_heads",
+    "DEPTH": "depth",
+    "MLP_RATIO": "mlp_ratio",
+    "ATTN_DROP_RATE": "attention_drop_rate",
+    "DROP_RATE": "drop_rate",
+    "DROP_PATH_RATE": "drop_path_rate",
+    "QKV_BIAS": "qkv_bias",
+    "CLS_TOKEN": "cls_token",
+    "QKV_PROJ_METHOD": "qkv_projection_method",
+    "KERNEL_QKV": "kernel_qkv",
+    "PADDING_KV": "padding_kv",
+    "STRIDE_KV": "stride_kv",
+    "PADDING_Q": "padding_q",
+    "STRIDE_Q": "stride_q",
+}
+# Spec fields that change nothing in a loaded model (INIT: how the original initialised its weights).
+IGNORED_SPEC_FIELDS = ("NUM_STAGES", "POS_EMBED", "INIT")
+ORIGINAL_NUMERICS = {"hidden_act": "quick_gelu", "stochastic_depth": "original"}
+
+
+# ---- the spec -----------------------------------------------------------------------------------------------
+
+
+def config_from_spec(spec: str | os.PathLike | dict, **overrides: Any) -> CvtConfig:
+    """A CvtConfig with the original's numerics from a YAML spec file (experiments/.../cvt-13-224x224.yaml), its
+    MODEL.SPEC dict (or the whole parsed YAML), or a preset name (cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24,
+    cvt-w24-384). `overrides` are config fields (num_labels, say)."""
+    if isinstance(spec, (str, os.PathLike)) and str(spec) in PRESETS and not Path(spec).exists():
+        return PRESETS[str(spec)].config(**ORIGINAL_NUMERICS, **overrides)
+    where = "the spec"
+    if isinstance(spec, (str, os.PathLike)):
+        where, spec = str(spec), _read_yaml(Path(spec))
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping of the original's spec fields, got {describe_value(spec)}")
+    model = spec.get("MODEL") if isinstance(spec.get("MODEL"), dict) else None
+    fields = model.get("SPEC") if model is not None else spec
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: MODEL.SPEC is {describe_value(fields)}, expected a mapping of spec fields")
+    prefix = "MODEL.SPEC." if model is not None else ""
+    unknown = [k for k in fields if k not in SPEC_FIELDS and k not in IGNORED_SPEC_FIELDS]
+    if unknown:
+        raise ConfigError(f"{where}: {prefix}{unknown[0]} is not a field of the original CvT's spec "
+                          f"(fields: {', '.join([*SPEC_FIELDS, *IGNORED_SPEC_FIELDS])})")  # fmt: skip
+    missing = [k for k in SPEC_FIELDS if k not in fields]
+    if missing:
+        raise ConfigError(f"{where}: {prefix}{missing[0]} is missing (the spec needs {', '.join(SPEC_FIELDS)})")
+    stages = fields.get("NUM_STAGES", len(fields["DEPTH"]) if isinstance(fields["DEPTH"], list) else None)
+    for name in SPEC_FIELDS:
+        value = fields[name]
+        if not isinstance(value, list) or len(value) != stages:
+            raise ConfigError(f"{where}: {prefix}{name} is {describe_value(value)}, expected a list of one entry "
+                              f"per stage ({prefix}NUM_STAGES {stages})")  # fmt: skip
+    if any(fields.get("POS_EMBED") or []):
+        raise ConfigError(f"{where}: {prefix}POS_EMBED {fields['POS_EMBED']}: position embeddings are not part of CvT "
+                          "as released (every published spec has them off), and cvt_fast has none")  # fmt: skip
+    kwargs: dict[str, Any] = {config_name: list(fields[name]) for name, config_name in SPEC_FIELDS.items()}
+    if model is not None and "NUM_CLASSES" in model:
+        kwargs["num_labels"] = model["NUM_CLASSES"]
+    try:
+        return CvtConfig(**{**kwargs, **ORIGINAL_NUMERICS, **overrides})
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise MissingDependencyError(
+            f"reading the spec {path} needs PyYAML: pip install pyyaml (or name a preset such as cvt-13)"
+        ) from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+
+
+# ---- the weights --------------------------------------------------------------------------------------------
+
+
+def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in an original .pth: the model's own (final_state.pth), or under "state_dict" / "model" in a
+    training checkpoint; DataParallel's "module." prefix removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (expected an original CvT .pth checkpoint)")
+    data = _read_pickle(path)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+            break
+    _check_tensors(path, data)
+    if data and all(key.startswith("module.") for key in data):
+        data = {key.removeprefix("module."): value for key, value in data.items()}
+    return data
+
+
+_STAGE = "cvt.encoder.stages.{s}"
+_LAYER = _STAGE + ".layers.{j}"
+# (original, cvt_fast) key templates: {s} a stage, {j} a layer, {w} the parameter or buffer name.
+_TEMPLATES = [
+    ("norm.{w}", "layernorm.{w}"),
+    ("head.{w}", "classifier.{w}"),
+    ("stage{s}.cls_token", _STAGE + ".cls_token"),
+    ("stage{s}.patch_embed.proj.{w}", _STAGE + ".embedding.convolution_embeddings.projection.{w}"),
+    ("stage{s}.patch_embed.norm.{w}", _STAGE + ".embedding.convolution_embeddings.normalization.{w}"),
+    ("stage{s}.blocks.{j}.norm1.{w}", _LAYER + ".layernorm_before.{w}"),
+    ("stage{s}.blocks.{j}.norm2.{w}", _LAYER + ".layernorm_after.{w}"),
+    ("stage{s}.blocks.{j}.attn.proj.{w}", _LAYER + ".attention.output.dense.{w}"),
+    ("stage{s}.blocks.{j}.mlp.fc1.{w}", _LAYER + ".intermediate.dense.{w}"),
+    ("stage{s}.blocks.{j}.mlp.fc2.{w}", _LAYER + ".output.dense.{w}"),
+]
+for _short, _long in (("q", "query"), ("k", "key"), ("v", "value")):
+    _projection = _LAYER + f".attention.attention.convolution_projection_{_long}.convolution_projection"
+    _TEMPLATES += [
+        (
+            f"stage{{s}}.blocks.{{j}}.attn.proj_{_short}.{{w}}",
+            _LAYER + f".attention.attention.projection_{_long}.{{w}}",
+        ),
+        (f"stage{{s}}.blocks.{{j}}.attn.conv_proj_{_short}.conv.{{w}}", _projection + ".convolution.{w}"),
+        (f"stage{{s}}.blocks.{{j}}.attn.conv_proj_{_short}.bn.{{w}}", _projection + ".normalization.{w}"),
+    ]
+
+
+def _pattern(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{s\}", r"(?P<s>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    return re.compile(pattern.replace(r"\{w\}", r"(?P<w>\w+)"))
+
+
+_RULES = [(_pattern(original), _pattern(ours), original, ours) for original, ours in _TEMPLATES]
+
+
+def original_key(key: str) -> str | None:
+    """The cvt_fast (transformers) name of an original key, or None where the original layout has no such key."""
+    for pattern, _, _, ours in _RULES:
+        match = pattern.fullmatch(key)
+        if match:
+            return ours.format(**match.groupdict())
+    return None
+
+
+def key_in_original(key: str) -> str:
+    """The original name of a cvt_fast key (the key itself where the original has none): for messages."""
+    for _, pattern, original, _ in _RULES:
+        match = pattern.fullmatch(key)
+        if match:
+            return original.format(**match.groupdict())
+    return key
+
+
+def load_original(model_class, checkpoint: str | os.PathLike, spec, **kwargs: Any):
+    """`model_class` (CvtForImageClassification or CvtModel) from an original checkpoint and its spec, with the
+    original's numerics: every key mapped and shaped as the spec says, nothing left over (a backbone leaves out the
+    classifier's norm and head)."""
+    state = read_original_checkpoint(checkpoint)
+    backend = kwargs.pop("backend", None)
+    if "head.weight" in state and "num_labels" not in kwargs:
+        kwargs["num_labels"] = state["head.weight"].shape[0]
+    config = config_from_spec(spec, **kwargs)
+    mapped = {original_key(k): v for k, v in state.items()}  # in CvtForImageClassification's names
+    unknown = [k for k in state if original_key(k) is None]
+    if len(unknown) == len(state):
+        raise CheckpointError(
+            f"{checkpoint}: not an original CvT checkpoint: none of its {len(state)} keys is in microsoft/CvT's "
+            f"layout (stage0.patch_embed.proj.weight, ...); it has {_listing(list(state), 4)}"
+        )
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: keys outside the original CvT's layout: {_listing(unknown)}")
+    model = model_class(config, backend=backend)
+    prefix = model.base_model_prefix + "."
+    backbone = not any(k.startswith(prefix) for k in model.state_dict())
+    if backbone:  # CvtModel: its keys lack the prefix, and it has no final norm or head
+        mapped = {k: v for k, v in mapped.items() if k.startswith(prefix)}
+    expected = {(prefix + k if backbone else k): v for k, v in model.state_dict().items()}
+    wrong = [f"{key_in_original(k)} is {tuple(v.shape)}, the spec makes it {tuple(expected[k].shape)}"
+             for k, v in mapped.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
+    if wrong:
+        raise CheckpointError(f"{checkpoint} does not fit the spec: {_listing(wrong, 4)}")
+    extra = [key_in_original(k) for k in mapped if k not in expected]
+    if extra:
+        raise CheckpointError(f"{checkpoint} has what the spec has no place for: {_listing(extra)}")
+    missing = [key_in_original(k) for k in expected if k not in mapped and not k.endswith(OPTIONAL_SUFFIXES)]
+    if missing:
+        raise CheckpointError(f"{checkpoint} lacks what the spec needs: {_listing(missing)}")
+    if backbone:
+        mapped = {k[len(prefix) :]: v for k, v in mapped.items()}
+    with torch.no_grad():
+        model.load_state_dict(mapped, strict=False)  # strict but for the optional step counters, checked above
+    return model.eval()

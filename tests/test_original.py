@@ -1,0 +1,192 @@
+"""The original CvT (microsoft/CvT): its checkpoints and specs load, and its numerics (QuickGELU, stochastic depth on
+the branches at per-layer rates) reach every path. The oracle is tests/support/original_cvt.py, written from the
+original's definition: its state_dict is a checkpoint in the original layout, made without cvt_fast's mapping."""
+
+import copy
+
+import pytest
+import torch
+
+import cvt_fast
+from cvt_fast import CheckpointError, ConfigError, CvtForImageClassification, CvtModel
+
+from support.helpers import rel_err
+from support.original_cvt import SMALL_SPEC, OriginalCvT
+
+pytestmark = pytest.mark.unit
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight and statistic random (BatchNorm's too), so that a key loaded into the wrong place shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            else:
+                fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
+                tensor.copy_(
+                    torch.randn(tensor.shape, generator=generator) * (fan_in**-0.5 if tensor.ndim > 1 else 0.3)
+                )
+    return model
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """An original-layout model and its checkpoint file, as the original's training saves it (final_state.pth)."""
+    model = randomized(OriginalCvT(SMALL_SPEC, num_classes=10)).double()
+    path = tmp_path_factory.mktemp("original") / "final_state.pth"
+    torch.save(model.float().state_dict(), path)
+    return model.double().eval(), path
+
+
+def pixels(batch=3, size=48, dtype=torch.float64, seed=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_an_original_checkpoint_loads_and_matches_the_definition(original):
+    reference, path = original
+    model = CvtForImageClassification.from_original(path, spec=SMALL_SPEC).double()
+    assert model.config.hidden_act == "quick_gelu" and model.config.stochastic_depth == "original"
+    assert model.config.num_labels == 10  # from the head's shape
+    x = pixels()
+    with torch.inference_mode():
+        assert rel_err(model(x).logits, reference(x)) < 1e-12
+        float32 = CvtForImageClassification.from_original(path, spec=SMALL_SPEC)(x.float()).logits
+    assert rel_err(float32, reference(x)) < 2e-5  # the float32 rule
+
+
+def test_training_drops_branches_at_per_layer_rates_as_the_original(original):
+    """Training mode, the same seed: the original's stochastic depth (and BatchNorm on batch statistics) exactly;
+    transformers' (the default) is another model in training."""
+    reference, path = original
+    ours = CvtForImageClassification.from_original(path, spec=SMALL_SPEC).double().train()
+    reference = copy.deepcopy(reference).train()
+    x = pixels(batch=8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = reference(x)
+        torch.manual_seed(seed)
+        assert rel_err(ours(x).logits, expected) < 1e-12, seed
+    transformers_like = CvtForImageClassification.from_original(path, spec=SMALL_SPEC, stochastic_depth="transformers")
+    transformers_like = transformers_like.double().train()
+    torch.manual_seed(0)
+    expected = reference(x)
+    torch.manual_seed(0)
+    assert rel_err(transformers_like(x).logits, expected) > 1e-3
+
+
+def test_quick_gelu_is_what_the_weights_were_trained_with(original):
+    reference, path = original
+    exact = CvtForImageClassification.from_original(path, spec=SMALL_SPEC, hidden_act="gelu").double()
+    with torch.inference_mode():
+        assert rel_err(exact(pixels()).logits, reference(pixels())) > 1e-3  # the activation matters at this scale
+
+
+def test_a_backbone_loads_the_same_checkpoint_without_norm_and_head(original):
+    reference, path = original
+    backbone = CvtModel.from_original(path, spec=SMALL_SPEC).double()
+    x = pixels()
+    with torch.inference_mode():
+        features, cls = backbone(x, return_dict=False)[:2]
+        expected, _ = reference.stage0(x)
+        expected, _ = reference.stage1(expected)
+        expected, expected_cls = reference.stage2(expected)
+    assert rel_err(features, expected) < 1e-12 and rel_err(cls, expected_cls) < 1e-12
+
+
+def test_a_training_checkpoint_and_data_parallel_names_load(original, tmp_path):
+    reference, _ = original
+    state = {f"module.{k}": v.float() for k, v in reference.state_dict().items()}
+    torch.save({"epoch": 7, "state_dict": state, "best_perf": 0.5}, tmp_path / "checkpoint.pth")
+    model = CvtForImageClassification.from_original(tmp_path / "checkpoint.pth", spec=SMALL_SPEC).double()
+    with torch.inference_mode():
+        assert rel_err(model(pixels()).logits, reference(pixels())) < 1e-12
+
+
+def test_a_yaml_spec_and_a_preset_name(original, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    _, path = original
+    (tmp_path / "cvt-small.yaml").write_text(
+        yaml.safe_dump({"MODEL": {"NAME": "cls_cvt", "NUM_CLASSES": 10, "SPEC": {"INIT": "trunc_norm", **SMALL_SPEC}}})
+    )
+    from_yaml = CvtForImageClassification.from_original(path, spec=tmp_path / "cvt-small.yaml")
+    assert from_yaml.config.embed_dim == SMALL_SPEC["DIM_EMBED"] and from_yaml.config.num_labels == 10
+    preset = cvt_fast.CvtConfig.from_pretrained("cvt-13")
+    assert cvt_fast.original.config_from_spec("cvt-13").depth == preset.depth
+    assert cvt_fast.original.config_from_spec("cvt-13").hidden_act == "quick_gelu"
+
+
+def test_every_key_maps_both_ways_and_nothing_is_left_over(original):
+    reference, _ = original
+    from cvt_fast.original import key_in_original, original_key
+
+    model = CvtForImageClassification(cvt_fast.original.config_from_spec(SMALL_SPEC, num_labels=10))
+    ours = set(model.state_dict())
+    theirs = set(reference.state_dict())
+    assert {original_key(k) for k in theirs} == ours
+    assert {key_in_original(k) for k in ours} == theirs
+
+
+def edited(state, remove=(), add=None):
+    return {**{k: v for k, v in state.items() if k not in remove}, **(add or {})}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: {"conv1.weight": s["head.weight"], "fc.bias": s["head.bias"]}, "not an original CvT checkpoint"),
+        (lambda s: edited(s, add={"stage0.pos_embed": torch.zeros(1)}),
+         "keys outside the original CvT's layout: stage0.pos_embed"),
+        (lambda s: edited(s, remove=["stage2.blocks.2.mlp.fc2.bias"]),
+         "lacks what the spec needs: stage2.blocks.2.mlp.fc2.bias"),
+        (lambda s: edited(s, add={"stage2.blocks.3.norm1.weight": torch.ones(48)}),
+         "has what the spec has no place for: stage2.blocks.3.norm1.weight"),
+        (lambda s: edited(s, add={"stage1.blocks.0.attn.proj_q.weight": torch.ones(16, 16)}),
+         "stage1.blocks.0.attn.proj_q.weight is (16, 16), the spec makes it (32, 32)"),
+    ],
+    ids=["another architecture", "an unknown key", "a missing key", "an extra layer", "a wrong shape"],
+)  # fmt: skip
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(original, tmp_path, damage, message):
+    reference, _ = original
+    state = damage({k: v.float() for k, v in reference.state_dict().items()})
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CvtForImageClassification.from_original(tmp_path / "bad.pth", spec=SMALL_SPEC)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({**SMALL_SPEC, "DIM_EMBD": [1]}, "DIM_EMBD is not a field of the original CvT's spec"),
+        ({k: v for k, v in SMALL_SPEC.items() if k != "DEPTH"}, "DEPTH is missing"),
+        ({**SMALL_SPEC, "NUM_HEADS": [1, 2]}, "NUM_HEADS is list [1, 2], expected a list of one entry per stage"),
+        ({**SMALL_SPEC, "POS_EMBED": [True, False, False]}, "POS_EMBED"),
+        ({**SMALL_SPEC, "NUM_HEADS": [1, 3, 3]}, "stage 1: embed_dim 32 is not divisible by num_heads 3"),
+    ],
+    ids=["a misspelt field", "a missing field", "a short list", "position embeddings", "a field no CvT can have"],
+)
+def test_a_spec_that_is_wrong_is_refused_naming_the_field(original, spec, message):
+    _, path = original
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        CvtForImageClassification.from_original(path, spec=spec)
+
+
+def test_an_unknown_activation_or_stochastic_depth_is_refused():
+    with pytest.raises(ConfigError, match=r"hidden_act str 'relu' is not one of \('gelu', 'quick_gelu'\)"):
+        cvt_fast.CvtConfig(hidden_act="relu")
+    with pytest.raises(ConfigError, match="stochastic_depth str 'timm' is not one of"):
+        cvt_fast.CvtConfig(stochastic_depth="timm")
+
+
+def test_the_switch_is_written_only_when_set_and_saving_says_what_transformers_would_run(tmp_path, caplog):
+    assert "hidden_act" not in cvt_fast.CvtConfig().to_dict()  # a default config.json is transformers' own
+    config = cvt_fast.CvtConfig(depth=[1, 2], embed_dim=[16, 32], num_heads=[1, 2], hidden_act="quick_gelu",
+                                stochastic_depth="original", drop_path_rate=[0.0, 0.1])  # fmt: skip
+    assert cvt_fast.CvtConfig.from_dict(config.to_dict()) == config
+    with caplog.at_level("WARNING", logger="cvt_fast"):
+        CvtForImageClassification(config).save_pretrained(tmp_path / "saved")
+    assert "transformers loads it but runs another model, silently: hidden_act 'quick_gelu'" in caplog.text
+    assert "stochastic_depth 'original'" in caplog.text
