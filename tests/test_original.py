@@ -9,6 +9,7 @@ import torch
 
 import cvt_fast
 from cvt_fast import CheckpointError, ConfigError, CvtForImageClassification, CvtModel
+from cvt_fast.original import config_from_spec
 
 from support.helpers import rel_err
 from support.original_cvt import SMALL_SPEC, OriginalCvT
@@ -115,15 +116,15 @@ def test_a_yaml_spec_and_a_preset_name(original, tmp_path):
     from_yaml = CvtForImageClassification.from_original(path, spec=tmp_path / "cvt-small.yaml")
     assert from_yaml.config.embed_dim == SMALL_SPEC["DIM_EMBED"] and from_yaml.config.num_labels == 10
     preset = cvt_fast.CvtConfig.from_pretrained("cvt-13")
-    assert cvt_fast.original.config_from_spec("cvt-13").depth == preset.depth
-    assert cvt_fast.original.config_from_spec("cvt-13").hidden_act == "quick_gelu"
+    assert config_from_spec("cvt-13").depth == preset.depth
+    assert config_from_spec("cvt-13").hidden_act == "quick_gelu"
 
 
 def test_every_key_maps_both_ways_and_nothing_is_left_over(original):
     reference, _ = original
     from cvt_fast.original import key_in_original, original_key
 
-    model = CvtForImageClassification(cvt_fast.original.config_from_spec(SMALL_SPEC, num_labels=10))
+    model = CvtForImageClassification(config_from_spec(SMALL_SPEC, num_labels=10))
     ours = set(model.state_dict())
     theirs = set(reference.state_dict())
     assert {original_key(k) for k in theirs} == ours
