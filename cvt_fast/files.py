@@ -38,7 +38,17 @@ def replacing(path: Path) -> Iterator[Path]:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
+        # The permissions a plain open() gives: some writers (safetensors) create their file readable by its owner
+        # only, and a checkpoint folder is often shared.
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (which os.umask can only read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -89,6 +89,20 @@ def config_from_spec(spec: str | os.PathLike | dict, **overrides: Any) -> CvtCon
         raise ConfigError(f"{where}: {error}") from None
 
 
+def spec_image_size(spec: str | os.PathLike | dict) -> int | None:
+    """The image size the spec's model was evaluated at: a preset's, or the YAML's TEST.IMAGE_SIZE (else
+    TRAIN.IMAGE_SIZE); None where the spec does not say."""
+    if isinstance(spec, (str, os.PathLike)) and str(spec) in PRESETS and not Path(spec).exists():
+        return PRESETS[str(spec)].image_size
+    if isinstance(spec, (str, os.PathLike)):
+        spec = _read_yaml(Path(spec))
+    for section in ("TEST", "TRAIN"):
+        size = spec.get(section, {}).get("IMAGE_SIZE") if isinstance(spec.get(section), dict) else None
+        if isinstance(size, list) and size and isinstance(size[0], int):
+            return size[0]
+    return None
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         import yaml

@@ -1,5 +1,6 @@
 """Command line: `cvt-fast classify` (top labels for local images, or a whole folder into a results file),
-`cvt-fast bench` (throughput, every speed beside its error) and `cvt-fast export` (ONNX, validated with ONNX Runtime).
+`cvt-fast bench` (throughput, every speed beside its error), `cvt-fast export` (ONNX, validated with ONNX Runtime, or a
+frozen CPU package) and `cvt-fast convert` (an original CvT checkpoint into transformers' format).
 
 Also reachable as `python -m cvt_fast`, which is also torchrun's way in (`torchrun -m cvt_fast classify --input ...`).
 A failure the user can cause (an argument, an image, a checkpoint or a config file) ends in one line per problem,
@@ -13,14 +14,14 @@ import argparse
 import sys
 
 from ..errors import UserError, one_line
-from . import bench, classify, export
+from . import bench, classify, convert, export
 from .common import Parser, first_rank
 
 
 def parser() -> argparse.ArgumentParser:
     top = Parser(prog="cvt-fast", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = top.add_subparsers(dest="command", required=True)
-    for command in (classify, bench, export):
+    for command in (classify, bench, export, convert):
         command.add_parser(sub)
     return top
 
