@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,12 @@ ONEDNN_LINEAR = "onednn"  # the path name kernel_paths() shows for linear layers
 @functools.cache
 def cpu_has_native_bfloat16() -> bool:
     """Whether oneDNN computes bfloat16 natively on this CPU (AVX-512 BF16, AMX, or AVX-NE-CONVERT): its bfloat16
-    product refuses to run anywhere else. Asks oneDNN itself, so ONEDNN_MAX_CPU_ISA=AVX2 makes it answer False."""
+    product refuses to run anywhere else. Asks oneDNN itself, so ONEDNN_MAX_CPU_ISA=AVX2 makes it answer False, and
+    PyTorch's own capability (ATEN_CPU_CAPABILITY=avx2 too)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # PyTorch packs bfloat16 weights for oneDNN with AVX-512 code of its own (pack_vnni2): under a capped
+        # ATEN_CPU_CAPABILITY that refuses to run, whatever oneDNN itself supports.
+        return False
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a PyTorch without the query: assume the worst
