@@ -1,6 +1,7 @@
 """Command line: `cvt-fast classify` (top labels for local images, or a whole folder into a results file),
-`cvt-fast bench` (throughput, every speed beside its error), `cvt-fast export` (ONNX, validated with ONNX Runtime, or a
-frozen CPU package) and `cvt-fast convert` (an original CvT checkpoint into transformers' format).
+`cvt-fast evaluate` (accuracy on a labelled folder), `cvt-fast bench` (throughput, every speed beside its error),
+`cvt-fast export` (ONNX, validated with ONNX Runtime, or a frozen CPU package) and `cvt-fast convert` (an original CvT
+checkpoint into transformers' format).
 
 Also reachable as `python -m cvt_fast`, which is also torchrun's way in (`torchrun -m cvt_fast classify --input ...`).
 A failure the user can cause (an argument, an image, a checkpoint or a config file) ends in one line per problem,
@@ -14,14 +15,14 @@ import argparse
 import sys
 
 from ..errors import UserError, one_line
-from . import bench, classify, convert, export
+from . import bench, classify, convert, evaluate, export
 from .common import Parser, first_rank
 
 
 def parser() -> argparse.ArgumentParser:
     top = Parser(prog="cvt-fast", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = top.add_subparsers(dest="command", required=True)
-    for command in (classify, bench, export, convert):
+    for command in (classify, evaluate, bench, export, convert):
         command.add_parser(sub)
     return top
 

@@ -9,6 +9,7 @@ it over folders of images. Nothing in the model's own modules imports from here.
   training_benchmark.py a fine-tuning step against transformers' (cvt-fast bench --train)
   resolution.py         memory and time against image size (cvt-fast bench --resolutions)
   dataset_inference/    a folder or list of images into a results file (cvt-fast classify --input)
+  evaluation.py         a results file of a labelled folder scored: top-1, top-5, per class (cvt-fast evaluate)
 """
 
 import importlib

@@ -1,0 +1,61 @@
+"""`cvt-fast evaluate`: a checkpoint's accuracy on a labelled image folder (one subfolder per class, named as the
+model's labels or as label indices): `classify --input` writes the results file (resumable, split across processes
+under torchrun), and its lines are scored: top-1, top-5, and per class."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import Refused
+from .common import at_least, at_least_one, first_rank
+
+
+def add_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="top-1, top-5 and per-class accuracy of a checkpoint on a labelled image folder (FOLDER/<class>/<image>)",
+        description="Classifies every image of FOLDER as `cvt-fast classify --input FOLDER --output FILE` does (the "
+        "same options; resumable; torchrun splits it), then scores the results against each image's class folder. "
+        "A class folder is named as one of the model's labels (config.json's id2label) or as a label index.",
+    )
+    evaluate.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    evaluate.add_argument("--input", required=True, help="the labelled folder: one subfolder of images per class")
+    evaluate.add_argument("--output", required=True, type=Path, help="the results, one JSON line per image")
+    evaluate.add_argument("--metrics", type=Path, help="also write the scores as JSON to this file")
+    evaluate.add_argument("--batch-size", type=at_least_one, help="images per forward pass (default 32)")
+    evaluate.add_argument("--workers", type=at_least(0), help="decoding processes per model process (as classify)")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    evaluate.add_argument("--backend", default=None, choices=["auto", "eager", "triton"])
+    evaluate.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights and inputs (float32)")
+    evaluate.add_argument("--overwrite", action="store_true", help="discard the results of an earlier run")
+    evaluate.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import CvtConfig
+    from ..tools.dataset_inference import folder_as_written, list_images
+    from ..tools.evaluation import class_folders, score, write_metrics
+    from . import classify
+
+    if classify.is_package(args.model):
+        raise Refused(f"argument --model: {args.model} is a frozen package; evaluate takes a checkpoint folder or hub "
+                      "id (classify --model FILE.pt2 --input ... writes results that score the same way)")  # fmt: skip
+    if not Path(args.input).is_dir():
+        raise Refused(f"argument --input: {args.input} is not a folder; expected FOLDER/<class>/<image>")
+    source = folder_as_written(args.input)
+    checkpoint = classify._checkpoint(args.model)
+    folders = class_folders(list_images(source).paths, source, CvtConfig.from_pretrained(checkpoint).id2label)
+    status = classify.run(argparse.Namespace(
+        images=[], model=args.model, input=args.input, output=args.output, top_k=5, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, backend=args.backend, dtype=args.dtype, compile=False,
+        overwrite=args.overwrite,
+    ))  # fmt: skip
+    if status != 0 or not first_rank():
+        return status
+    evaluation = score(args.output, source, folders)
+    print("\n".join(evaluation.lines()))
+    if args.metrics is not None:
+        write_metrics(evaluation, args.metrics)
+        print(f"scores written to {args.metrics}")
+    return 0
