@@ -20,6 +20,7 @@ _MODULES = (
     "contenders",
     "dataset_inference",
     "engines",
+    "evaluation",
     "models",
     "reporting",
     "resolution",
