@@ -92,6 +92,7 @@ _SUBMODULES = (
     "kernels",
     "loading",
     "modeling",
+    "original",
     "ops",
     "outputs",
     "patching",
