@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
-from test_original import pixels, randomized
+from test_cli import cli_main
+from test_original import pixels
 
-from cvt_fast import CvtForImageClassification, cli
+from cvt_fast import CvtForImageClassification
+from cvt_fast.testing import randomize_
 
 from support.helpers import rel_err
 from support.original_cvt import SMALL_SPEC, OriginalCvT
@@ -20,7 +22,7 @@ yaml = pytest.importorskip("yaml")
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     root = tmp_path_factory.mktemp("original")
-    model = randomized(OriginalCvT(SMALL_SPEC, num_classes=10))
+    model = randomize_(OriginalCvT(SMALL_SPEC, num_classes=10), torch.Generator().manual_seed(0))
     torch.save(model.state_dict(), root / "final_state.pth")
     spec = {"MODEL": {"NAME": "cls_cvt", "NUM_CLASSES": 10, "SPEC": SMALL_SPEC}, "TEST": {"IMAGE_SIZE": [48, 48]}}
     (root / "cvt-small.yaml").write_text(yaml.safe_dump(spec))
@@ -28,12 +30,7 @@ def original(tmp_path_factory):
 
 
 def convert(capsys, *argv):
-    try:
-        status = cli.main(["convert", *map(str, argv)])
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err.splitlines()
+    return cli_main(capsys, "convert", *map(str, argv))
 
 
 def test_converted_folder_loads_with_the_original_answers_in_cvt_fast_and_key_for_key_in_transformers(

@@ -10,6 +10,7 @@ import torch
 import cvt_fast
 from cvt_fast import CheckpointError, ConfigError, CvtForImageClassification, CvtModel
 from cvt_fast.original import config_from_spec
+from cvt_fast.testing import randomize_
 
 from support.helpers import rel_err
 from support.original_cvt import SMALL_SPEC, OriginalCvT
@@ -17,27 +18,10 @@ from support.original_cvt import SMALL_SPEC, OriginalCvT
 pytestmark = pytest.mark.unit
 
 
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight and statistic random (BatchNorm's too), so that a key loaded into the wrong place shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            else:
-                fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
-                tensor.copy_(
-                    torch.randn(tensor.shape, generator=generator) * (fan_in**-0.5 if tensor.ndim > 1 else 0.3)
-                )
-    return model
-
-
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
     """An original-layout model and its checkpoint file, as the original's training saves it (final_state.pth)."""
-    model = randomized(OriginalCvT(SMALL_SPEC, num_classes=10)).double()
+    model = randomize_(OriginalCvT(SMALL_SPEC, num_classes=10), torch.Generator().manual_seed(0)).double()
     path = tmp_path_factory.mktemp("original") / "final_state.pth"
     torch.save(model.float().state_dict(), path)
     return model.double().eval(), path

@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
-from test_original import pixels, randomized
+from test_original import pixels
 
 import cvt_fast
 from cvt_fast import CvtForImageClassification
+from cvt_fast.testing import randomize_
 
 from support.helpers import rel_err
 from support.original_cvt import SMALL_SPEC, OriginalCvT
@@ -22,7 +23,7 @@ FLOAT32_RULE = 2e-5
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = randomized(OriginalCvT(SMALL_SPEC, num_classes=10))
+    model = randomize_(OriginalCvT(SMALL_SPEC, num_classes=10), torch.Generator().manual_seed(0))
     path = tmp_path_factory.mktemp("original") / "final_state.pth"
     torch.save(model.state_dict(), path)
     return model.double().eval(), path

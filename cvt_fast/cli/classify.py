@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     target = device(args.device)
     check_backend(args.backend)
-    checkpoint = _checkpoint(args.model)  # a local folder, or the hub snapshot of an id
+    checkpoint = checkpoint_folder(args.model)  # a local folder, or the hub snapshot of an id
     images = _read_images(args.images, _processor(checkpoint, args.model))  # all of them, before the model loads
     model = CvtForImageClassification.from_pretrained(
         checkpoint, backend=args.backend, device=target, dtype=args.dtype or "float32"
@@ -117,7 +117,7 @@ def _classify_files_frozen(args: argparse.Namespace, package: bool) -> int:
         processor = frozen.processor or _default_processor(args.model)
         images = _read_images(args.images, processor)
     else:
-        checkpoint = _checkpoint(args.model)
+        checkpoint = checkpoint_folder(args.model)
         processor = _processor(checkpoint, args.model)
         images = _read_images(args.images, processor)
         _check_one_size(images)
@@ -218,7 +218,7 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
             )  # fmt: skip
         )
     backend = "compiled" if args.compile else check_backend(args.backend)
-    checkpoint = _checkpoint(args.model)
+    checkpoint = checkpoint_folder(args.model)
     options = Options(
         source=args.input,
         output=args.output,
@@ -236,7 +236,7 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
     return classify_dataset(options)
 
 
-def _checkpoint(name: str) -> Path:
+def checkpoint_folder(name: str) -> Path:
     """--model as a checkpoint folder with a config.json, refused before anything else is said about it."""
     from ..config import CONFIG_NAME
     from ..hub import resolve_checkpoint_dir

@@ -55,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp's folder is its owner's only; the result is not
-        quiet = logging.getLogger("cvt_fast")
-        level, quiet.level = quiet.level, logging.ERROR  # the note below says what transformers would run
+        logger, level = logging.getLogger("cvt_fast"), logging.getLogger("cvt_fast").level
+        logger.setLevel(logging.ERROR)  # save's warning would repeat the note below, on what transformers runs
         try:
             model.save_pretrained(scratch)
         finally:
-            quiet.setLevel(level)
+            logger.setLevel(level)
         CvtImageProcessor(size=size).save_pretrained(scratch)
         if output.exists():
             output.rmdir()  # empty, checked above

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.input).is_dir():
         raise Refused(f"argument --input: {args.input} is not a folder; expected FOLDER/<class>/<image>")
     source = folder_as_written(args.input)
-    checkpoint = classify._checkpoint(args.model)
+    checkpoint = classify.checkpoint_folder(args.model)
     folders = class_folders(list_images(source).paths, source, CvtConfig.from_pretrained(checkpoint).id2label)
     status = classify.run(argparse.Namespace(
         images=[], model=args.model, input=args.input, output=args.output, top_k=5, batch_size=args.batch_size,

@@ -25,6 +25,15 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
 FP32_MAX_HEAD_DIM = 64
 
 
+def kernel_refuses(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the flash kernel does not take heads of this size in this dtype, or None."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
+        return f"float32 with head_dim {head_dim} > {FP32_MAX_HEAD_DIM}: the kernel would spill registers"
+    return None
+
+
 def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0
 ) -> torch.Tensor:
@@ -54,8 +63,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: 
 def _attention_cuda(q, k, v, num_heads, scale):
     # The route sends float32 to the reference under CVT_FAST_FP32_ATTENTION=sdpa, and heads the kernel does not
     # cover as well; the op itself reaches CUDA with them only when exported whole (attention_as_one_op).
-    head_dim = q.shape[-1] // num_heads
-    if (q.dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM) or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+    if kernel_refuses(q.shape[-1] // num_heads, q.dtype) is not None:
         return attention_reference(q, k, v, num_heads, scale).contiguous()
     from ..kernels.attention import flash_attention
 
@@ -93,13 +101,9 @@ def attention_route(backend: str, embed_dim: int, num_heads: int) -> KernelRoute
     sdpa_for_float32 = backend != "eager" and fp32_attention_mode() == "sdpa"
 
     def uncovered(dtype: torch.dtype) -> str | None:
-        if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            return f"head_dim {head_dim} is outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-        if dtype == torch.float32 and sdpa_for_float32:
+        if dtype == torch.float32 and sdpa_for_float32 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
             return f"float32 attention is given to scaled_dot_product_attention ({FP32_ATTENTION_VAR}=sdpa)"
-        if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
-            return f"float32 with head_dim {head_dim} > {FP32_MAX_HEAD_DIM}: the kernel would spill registers"
-        return None
+        return kernel_refuses(head_dim, dtype)
 
     return KernelRoute("attention", backend, uncovered)
 
