@@ -127,7 +127,7 @@ class CvtSelfAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.qkv_projection_method = qkv_projection_method
-        self._strides = ((stride_q, padding_q), (stride_kv, padding_kv), (stride_kv, padding_kv))
+        self._strides = (stride_q, padding_q, stride_kv, padding_kv)  # keys and values share theirs
 
         query_method = "linear" if qkv_projection_method == "avg" else qkv_projection_method
         self.convolution_projection_query = CvtSelfAttentionProjection(
@@ -153,7 +153,7 @@ class CvtSelfAttention(nn.Module):
     def backend(self, backend: str) -> None:
         """Each fused op's route (kernel or eager) is decided here, once, not on every forward."""
         self._backend = backend
-        self.qkv_route = ops.qkv_projection_route(backend, self.qkv_projection_method, self._strides)
+        self.qkv_route = ops.qkv_projection_route(backend, self.qkv_projection_method)
         self.attention_route = ops.attention_route(backend, self.embed_dim, self.num_heads)
 
     def _projections(self) -> tuple[CvtSelfAttentionProjection, ...]:
@@ -174,19 +174,18 @@ class CvtSelfAttention(nn.Module):
         if self.qkv_projection_method != "dw_bn":
             return None
         convs = [p.convolution_projection for p in self._projections()]
-        (stride_q, padding_q), (stride_kv, padding_kv), _ = self._strides
         return ops.QkvOperands(
             [c.convolution.weight for c in convs],
             [t for c in convs for t in c.bn_params()],
             [c.normalization.eps for c in convs],
-            stride_q, padding_q, stride_kv, padding_kv,
-        )  # fmt: skip
+            *self._strides,
+        )
 
     def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # hidden_state (B, [1 +] H*W, C) -> context (B, [1 +] Hq*Wq, C)
-        qkv = ops.qkv_projection(
-            hidden_state, height, width, self.with_cls_token, self._qkv_operands(), self.qkv_route, self.training
-        )
+        operands = None if self.training else self._qkv_operands()  # training projects with the modules
+        qkv = ops.qkv_projection(hidden_state, height, width, self.with_cls_token, operands, self.qkv_route,
+                                 self.training)  # fmt: skip
         if qkv is None:  # training (BatchNorm on batch statistics), or a projection the op does not fuse
             qkv = self._project_with_modules(hidden_state, height, width)
         query = self.projection_query(qkv[0])
@@ -430,8 +429,9 @@ class CvtPreTrainedModel(GradientCheckpointingMixin, nn.Module):
     def set_backend(self, backend: str | None) -> None:
         """Switch every attention layer to "auto", "eager" or "triton" (None: CVT_FAST_BACKEND, else "auto"), and
         read the environment's other switches again (CVT_FAST_FP32_ATTENTION, CVT_FAST_ONEDNN_LINEAR)."""
-        self._backend = resolve_backend(backend)
-        prepare_backend(self._backend)
+        backend = resolve_backend(backend)
+        prepare_backend(backend)  # refuses before any layer changes
+        self._backend = backend
         for module in self.modules():
             if isinstance(module, CvtSelfAttention):
                 module.backend = self._backend

@@ -145,3 +145,45 @@ def test_decisions_are_taken_once_not_on_every_forward(monkeypatch):
     assert {layer["linear"] for layer in model.kernel_paths().values()} == {
         f"F.linear: {cpu_linear.ONEDNN_LINEAR_VAR}=0"
     }
+
+
+def test_a_model_pickles_whole_and_decides_again_where_it_is_loaded(tmp_path):
+    """torch.save(model) (and a spawned worker) pickles each layer's routes: they must hold no lambda, and they keep
+    no verdict, which judged the environment (GPU, Triton, the CPU's bfloat16) of the process that made it."""
+    import io
+
+    config = CvtConfig(**dict(CONFIG, qkv_projection_method=["dw_bn", "avg"]))
+    model = CvtForImageClassification(config, backend="auto").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        before = model(x).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    routes = [r for m in loaded.modules() if hasattr(m, "qkv_route") for r in (m.qkv_route, m.attention_route)]
+    assert len(routes) == 4 and all(r._verdicts == {} and r.taken is None for r in routes)
+    linear_routes = [m.route for m in loaded.modules() if hasattr(m, "route")]
+    assert linear_routes and all(r._by_dtype == {} and r.taken is None for r in linear_routes)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x).logits, before)
+    assert loaded.kernel_paths() == model.kernel_paths()  # the "avg" layer still says why it is not fused
+
+
+def test_a_bad_environment_leaves_the_model_as_it_was(monkeypatch):
+    """set_backend and patch refuse a bad CVT_FAST_FP32_ATTENTION before any layer changes."""
+    from cvt_fast import patch
+    from cvt_fast.ops.dispatch import FP32_ATTENTION_VAR
+
+    model = CvtForImageClassification(CvtConfig(**CONFIG), backend="eager").eval()
+    monkeypatch.setenv(FP32_ATTENTION_VAR, "not-a-mode")
+    with pytest.raises(ValueError, match=f"{FP32_ATTENTION_VAR} is 'not-a-mode'"):
+        model.set_backend("auto")
+    layers = [m for m in model.modules() if hasattr(m, "qkv_route")]
+    assert model.backend == "eager"
+    assert {(m.backend, m.qkv_route.backend, m.attention_route.backend) for m in layers} == {("eager",) * 3}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CvtForImageClassification(transformers.CvtConfig(**dict(CONFIG, depth=[1, 2])))
+    with pytest.raises(ValueError, match=f"{FP32_ATTENTION_VAR} is 'not-a-mode'"):
+        patch(hf, backend="auto")
+    assert not any(type(m).__module__.startswith("cvt_fast") for m in hf.modules())

@@ -12,6 +12,7 @@ the order a call meets them:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -61,8 +62,9 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: 
 
 @_attention_op.register_kernel("cuda")
 def _attention_cuda(q, k, v, num_heads, scale):
-    # The route sends float32 to the reference under CVT_FAST_FP32_ATTENTION=sdpa, and heads the kernel does not
-    # cover as well; the op itself reaches CUDA with them only when exported whole (attention_as_one_op).
+    # The route sends the heads the kernel does not cover to the reference; the op itself reaches CUDA with them
+    # only when a model is exported whole (attention_as_one_op), where what the exporter records is the op, not this
+    # body. (Float32 under CVT_FAST_FP32_ATTENTION=sdpa runs the kernel here: as accurate, tf32x3.)
     if kernel_refuses(q.shape[-1] // num_heads, q.dtype) is not None:
         return attention_reference(q, k, v, num_heads, scale).contiguous()
     from ..kernels.attention import flash_attention
@@ -97,15 +99,14 @@ def attention_as_one_op() -> Iterator[None]:
 
 def attention_route(backend: str, embed_dim: int, num_heads: int) -> KernelRoute:
     """The route of one layer's attention. CVT_FAST_FP32_ATTENTION is read here, once."""
-    head_dim = embed_dim // num_heads
     sdpa_for_float32 = backend != "eager" and fp32_attention_mode() == "sdpa"
+    return KernelRoute("attention", backend, functools.partial(_uncovered, embed_dim // num_heads, sdpa_for_float32))
 
-    def uncovered(dtype: torch.dtype) -> str | None:
-        if dtype == torch.float32 and sdpa_for_float32 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-            return f"float32 attention is given to scaled_dot_product_attention ({FP32_ATTENTION_VAR}=sdpa)"
-        return kernel_refuses(head_dim, dtype)
 
-    return KernelRoute("attention", backend, uncovered)
+def _uncovered(head_dim: int, sdpa_for_float32: bool, dtype: torch.dtype) -> str | None:
+    if dtype == torch.float32 and sdpa_for_float32 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"float32 attention is given to scaled_dot_product_attention ({FP32_ATTENTION_VAR}=sdpa)"
+    return kernel_refuses(head_dim, dtype)
 
 
 def attention(

@@ -50,6 +50,10 @@ class LinearRoute:
         self._by_dtype: dict[tuple[torch.dtype, torch.dtype, bool], str] = {}
         self.taken: str | None = None
 
+    def __getstate__(self) -> dict:
+        # The verdicts judged this CPU (native bfloat16 or not); a model unpickled on another judges its own.
+        return {**self.__dict__, "_by_dtype": {}, "taken": None}
+
     def path(self, x: torch.Tensor, weight: torch.Tensor) -> str:
         if x.device.type != "cpu":
             path = "F.linear"

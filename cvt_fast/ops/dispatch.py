@@ -63,8 +63,12 @@ def fp32_attention_mode() -> str:
 
 
 def prepare_backend(backend: str) -> None:
-    """Import the kernels now, where they may run, rather than on a first forward inside a torch.compile trace."""
-    if backend != "eager" and (torch.cuda.is_available() or TRITON_INTERPRET):
+    """Before any layer changes: refuse a bad CVT_FAST_FP32_ATTENTION (so a model is never left half switched), and
+    import the kernels now, where they may run, rather than on a first forward inside a torch.compile trace."""
+    if backend == "eager":
+        return
+    fp32_attention_mode()
+    if torch.cuda.is_available() or TRITON_INTERPRET:
         kernels_import_error()
 
 
@@ -117,10 +121,16 @@ class KernelRoute:
     `taken` is the path of the last call: "triton" or "eager: <reason>" (kernel_paths() shows it).
     """
 
-    def __init__(self, op: str, backend: str, uncovered: Callable[[torch.dtype], str | None] = lambda dtype: None):
+    def __init__(self, op: str, backend: str, uncovered: Callable[[torch.dtype], str | None] | None = None):
+        # `uncovered` must pickle with the model (torch.save(model), a spawned worker): a module-level function or
+        # a functools.partial of one, never a lambda or a closure.
         self.op, self.backend, self._uncovered = op, backend, uncovered
         self._verdicts: dict[tuple[torch.device, torch.dtype], str | None] = {}
         self.taken: str | None = None
+
+    def __getstate__(self) -> dict:
+        # The verdicts judged this process's environment (Triton, the GPU); an unpickled model judges its own.
+        return {**self.__dict__, "_verdicts": {}, "taken": None}
 
     def reason(self, tensors: Sequence[torch.Tensor], training: bool) -> str | None:
         """None to run the kernel on `tensors` (the op's inputs, weights included), else why the eager path runs."""
@@ -148,7 +158,8 @@ class KernelRoute:
             raise KernelUnavailableError(
                 f"backend='triton' cannot run {self.op}: {reason}. Use backend='auto' (--backend auto) to fall back."
             )
-        reason = reason or self._uncovered(dtype)  # what the op does not cover runs eagerly under either backend
+        if reason is None and self._uncovered is not None:  # what the op does not cover runs eagerly either way
+            reason = self._uncovered(dtype)
         if reason is None:
             return None
         return _fall_back(self.op, reason, surprising=device.type == "cuda")

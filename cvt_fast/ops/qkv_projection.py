@@ -15,7 +15,7 @@ ConvBN and qkv_operands build them from one tuple per projection, for tests and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
 from typing import NamedTuple
 
 import torch
@@ -145,14 +145,15 @@ def _qkv_projection_fake(x, height, width, with_cls, weights, bn_params, eps, st
 # ---- what the model calls -----------------------------------------------------------------------------------
 
 
-def qkv_projection_route(backend: str, projection_method: str, strides: Sequence[tuple[int, int]]) -> KernelRoute:
-    """The route of one layer's projection; `strides` holds (stride, padding) of q, k and v."""
-    uncovered = None
-    if projection_method != "dw_bn":
-        uncovered = f"qkv_projection_method {projection_method!r} (only 'dw_bn' is fused)"
-    elif strides[1] != strides[2]:
-        uncovered = "keys and values with different strides or paddings"
-    return KernelRoute("qkv_projection", backend, lambda dtype: uncovered)
+def qkv_projection_route(backend: str, projection_method: str) -> KernelRoute:
+    """The route of one layer's projection: the kernel fuses "dw_bn" only."""
+    if projection_method == "dw_bn":
+        return KernelRoute("qkv_projection", backend)
+    return KernelRoute("qkv_projection", backend, functools.partial(_unfused, projection_method))
+
+
+def _unfused(projection_method: str, dtype: torch.dtype) -> str:
+    return f"qkv_projection_method {projection_method!r} (only 'dw_bn' is fused)"
 
 
 def qkv_projection(
@@ -161,7 +162,7 @@ def qkv_projection(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
     """q, k, v for one attention layer: the kernel or the eager reference; None where the layer's own modules must
     run them (training, whose BatchNorm uses batch statistics, and the projection methods the op does not fuse:
-    `operands` is None for those)."""
+    the layer passes no `operands` for either)."""
     tensors = [x] if operands is None else [x, *operands.weights, *operands.bn_params]
     reason = route.reason(tensors, training)
     if reason is not None:
