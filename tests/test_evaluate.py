@@ -2,6 +2,7 @@
 against counts made image by image with the model itself; unreadable images counted apart; refusals in one line."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -21,33 +22,37 @@ LABELS = ["tabby cat", "golden retriever", "teapot", "volcano", "lighthouse", "k
 FOLDERS = {"tabby cat": 0, "teapot": 2, "3": 3}
 
 
-def make_checkpoint(folder):
+def make_checkpoint(folder, labels=LABELS):
     config = CvtConfig(depth=[1, 1], embed_dim=[8, 16], num_heads=[1, 2], cls_token=[False, True],
-                       id2label=dict(enumerate(LABELS)))  # fmt: skip
+                       id2label=dict(enumerate(labels)))  # fmt: skip
     randomize_(CvtForImageClassification(config), torch.Generator().manual_seed(5)).save_pretrained(folder)
     CvtImageProcessor(size=32).save_pretrained(folder)
+
+
+def make_images(root, folders):
+    rng = np.random.default_rng(1)
+    for k, folder in enumerate(folders):
+        (root / "data" / folder).mkdir(parents=True)
+        for i in range(4 + k):
+            pixels = rng.integers(0, 256, size=(30 + i, 34, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "data" / folder / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
     make_checkpoint(root / "ckpt")
-    rng = np.random.default_rng(1)
-    for k, folder in enumerate(FOLDERS):
-        (root / "data" / folder).mkdir(parents=True)
-        for i in range(4 + k):
-            pixels = rng.integers(0, 256, size=(30 + i, 34, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "data" / folder / f"{i}.png")
+    make_images(root, FOLDERS)
     (root / "data" / "teapot" / "broken.png").write_bytes(b"not a png")
     return root
 
 
-def expected_counts(root):
+def expected_counts(root, folders=FOLDERS):
     """{folder: (images, unreadable, top-1 hits, top-5 hits)}, the model run on each image by itself."""
     model = CvtForImageClassification.from_pretrained(root / "ckpt")
     processor = CvtImageProcessor.from_pretrained(root / "ckpt")
     counts = {}
-    for folder, label in FOLDERS.items():
+    for folder, label in folders.items():
         images = unreadable = top1 = top5 = 0
         for path in sorted((root / "data" / folder).iterdir()):
             images += 1
@@ -83,7 +88,51 @@ def test_scores_each_class_as_the_model_does_image_by_image(labelled, capsys):
     assert 0 < top5 < scored and top1 < top5, "the images must show both kinds of hit and miss"
     assert f"top-1 {top1 / scored:.4f} ({top1}/{scored}), top-5 {top5 / scored:.4f} ({top5}/{scored}) over the " \
         "readable images; 1 unreadable, not scored" in out  # fmt: skip
+    assert "| class folder | label | images | unreadable | top-1 | top-1 accuracy |\n|---|---|---|---|---|---|\n" in out
     assert f"| teapot | 2 | {counts['teapot'][0]} | 1 |" in out
+
+
+def test_top5_is_not_scored_for_a_model_of_fewer_than_5_labels(tmp_path, capsys):
+    """Every image is a top-5 hit when the model has 3 labels: a score of 1.0 would say nothing, so none is given."""
+    folders = {"a": 0, "c": 2}
+    make_checkpoint(tmp_path / "ckpt", labels=["a", "b", "c"])
+    make_images(tmp_path, folders)
+    status = cli.main(["evaluate", "--model", str(tmp_path / "ckpt"), "--input", str(tmp_path / "data"), "--output",
+                       str(tmp_path / "results.jsonl"), "--metrics", str(tmp_path / "metrics.json"),
+                       "--workers", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    counts = expected_counts(tmp_path, folders)
+    top1, scored = sum(c[2] for c in counts.values()), sum(c[0] for c in counts.values())
+    assert f"top-1 {top1 / scored:.4f} ({top1}/{scored}), top-5 - (the model has 3 labels, under 5) over " \
+        "the readable images\n" in out  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"images", "unreadable", "top1", "top5", "classes"}
+    assert (metrics["images"], metrics["top1"], metrics["top5"]) == (scored, top1, None)
+    assert [(c["folder"], c["top1"], c["top5"]) for c in metrics["classes"]] == [
+        (folder, counts[folder][2], None) for folder in folders]  # fmt: skip
+
+
+def test_evaluate_gives_classify_every_option_classify_has(labelled, tmp_path, monkeypatch):
+    """An option classify gains reaches it with its default, and evaluate's own options with their values."""
+    from cvt_fast.cli import classify
+
+    add_parser, seen = classify.add_parser, {}
+
+    def with_a_new_option(sub):
+        add_parser(sub)
+        sub.choices["classify"].add_argument("--new-option", default="its default")
+
+    monkeypatch.setattr(classify, "add_parser", with_a_new_option)
+    monkeypatch.setattr(classify, "run", lambda args: seen.update(vars(args)) or 1)
+    status = cli.main(["evaluate", "--model", str(labelled / "ckpt"), "--input", str(labelled / "data"), "--output",
+                       str(tmp_path / "results.jsonl"), "--batch-size", "3", "--dtype", "bfloat16"])  # fmt: skip
+    assert status == 1  # classify's status, and no scoring after it
+    assert seen["new_option"] == "its default"
+    names = ("images", "top_k", "compile", "batch_size", "dtype")
+    assert [seen[name] for name in names] == [[], 5, False, 3, "bfloat16"]
+    assert (seen["model"], seen["input"], seen["output"]) == (str(labelled / "ckpt"), str(labelled / "data"),
+                                                            tmp_path / "results.jsonl")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -98,12 +147,14 @@ def test_scores_each_class_as_the_model_does_image_by_image(labelled, capsys):
         (lambda d: (d / "3").rename(d / "9"),
          "argument --input: class folder(s) '9' name none of the model's 8 labels ('tabby cat', 'golden retriever', "
          "'teapot', 'volcano', 'lighthouse', ...) nor a label index 0-7"),
+        (lambda d: shutil.copytree(d / "teapot", d / "2"),
+         "argument --input: class folders '2' and 'teapot' both name label 2 ('teapot'); expected one folder per "
+         "label"),
     ],
-    ids=["an image outside a class folder", "a folder that names no label", "an index past the labels"],
+    ids=["an image outside a class folder", "a folder that names no label", "an index past the labels",
+         "two folders of one label"],
 )  # fmt: skip
 def test_a_folder_that_is_not_labelled_is_refused_before_the_model_runs(labelled, tmp_path, capsys, make, message):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(labelled / "data", data)
     make(data)
@@ -112,3 +163,35 @@ def test_a_folder_that_is_not_labelled_is_refused_before_the_model_runs(labelled
     err = capsys.readouterr().err.splitlines()
     assert status == 2 and err == [f"cvt-fast evaluate: {message.format(d=data)}"], err
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "results.jsonl.parts").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input", "{t}/results.jsonl"],
+         "argument --input: {t}/results.jsonl is not a folder; expected FOLDER/<class>/<image>"),
+        (["--model", "{t}/model.pt2"],
+         "argument --model: {t}/model.pt2 is a frozen package (.pt2); expected a checkpoint folder (save_pretrained) "
+         "or hub id"),
+        (["--metrics", "{t}/nodir/metrics.json"],
+         "argument --metrics: {t}/nodir/metrics.json is in {t}/nodir, which is not a folder; expected a file in an "
+         "existing folder"),
+        (["--metrics", "{t}"],
+         "argument --metrics: {t} is a folder; expected a file in an existing folder"),
+        (["--metrics", "{t}/../{n}/results.jsonl"],
+         "argument --metrics: {t}/../{n}/results.jsonl is the --output file; expected another file, or the results "
+         "would be overwritten by the scores"),
+    ],
+    ids=["--input not a folder", "--model a package", "--metrics in no folder", "--metrics a folder",
+         "--metrics the --output file"],
+)  # fmt: skip
+def test_a_wrong_argument_is_refused_before_the_run(labelled, tmp_path, capsys, argv, message):
+    (tmp_path / "results.jsonl").write_text("")  # an earlier run's results, left as they are
+    given = {"--model": str(labelled / "ckpt"), "--input": str(labelled / "data"),
+             "--output": str(tmp_path / "results.jsonl")}  # fmt: skip
+    given[argv[0]] = argv[1].format(t=tmp_path, n=tmp_path.name)
+    status = cli.main(["evaluate", *(part for pair in given.items() for part in pair)])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and err == [f"cvt-fast evaluate: {message.format(t=tmp_path, n=tmp_path.name)}"], err
+    assert (tmp_path / "results.jsonl").read_text() == "" and not (tmp_path / "results.jsonl.parts").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]

@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
     evaluate = sub.add_parser(
         "evaluate",
         help="top-1, top-5 and per-class accuracy of a checkpoint on a labelled image folder (FOLDER/<class>/<image>)",
-        description="Classifies every image of FOLDER as `cvt-fast classify --input FOLDER --output FILE` does (the "
-        "same options; resumable; torchrun splits it), then scores the results against each image's class folder. "
+        description="Classifies every image of FOLDER as `cvt-fast classify --input FOLDER --output FILE --top-k 5` "
+        "does (the same model options; a checkpoint, not a .pt2 package; resumable; torchrun splits it), then scores "
+        "the results against each image's class folder. "
         "A class folder is named as one of the model's labels (config.json's id2label) or as a label index.",
     )
     evaluate.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
@@ -36,26 +37,36 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CvtConfig
     from ..tools.dataset_inference import folder_as_written, list_images
     from ..tools.evaluation import class_folders, score, write_metrics
-    from . import classify
+    from . import classify, parser
 
     if classify.is_package(args.model):
-        raise Refused(f"argument --model: {args.model} is a frozen package; evaluate takes a checkpoint folder or hub "
-                      "id (classify --model FILE.pt2 --input ... writes results that score the same way)")  # fmt: skip
+        raise Refused(f"argument --model: {args.model} is a frozen package (.pt2); expected a checkpoint folder "
+                      "(save_pretrained) or hub id")  # fmt: skip
     if not Path(args.input).is_dir():
         raise Refused(f"argument --input: {args.input} is not a folder; expected FOLDER/<class>/<image>")
+    if args.metrics is not None:  # checked now, not after the whole run
+        _check_metrics(args.metrics, args.output)
     source = folder_as_written(args.input)
     checkpoint = classify.checkpoint_folder(args.model)
-    folders = class_folders(list_images(source).paths, source, CvtConfig.from_pretrained(checkpoint).id2label)
-    status = classify.run(argparse.Namespace(
-        images=[], model=args.model, input=args.input, output=args.output, top_k=5, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, backend=args.backend, dtype=args.dtype, compile=False,
-        overwrite=args.overwrite,
-    ))  # fmt: skip
+    id2label = CvtConfig.from_pretrained(checkpoint).id2label
+    folders = class_folders(list_images(source).paths, source, id2label)
+    # classify's own defaults under evaluate's values, so that an option classify gains is never missing here.
+    defaults = vars(parser().parse_args(["classify", f"--model={args.model}"]))
+    status = classify.run(argparse.Namespace(**{**defaults, **vars(args), "images": [], "top_k": 5, "compile": False}))
     if status != 0 or not first_rank():
         return status
-    evaluation = score(args.output, source, folders)
+    evaluation = score(args.output, source, folders, len(id2label))
     print("\n".join(evaluation.lines()))
     if args.metrics is not None:
         write_metrics(evaluation, args.metrics)
         print(f"scores written to {args.metrics}")
     return 0
+
+
+def _check_metrics(metrics: Path, output: Path) -> None:
+    if metrics.is_dir() or not metrics.parent.is_dir():
+        what = "is a folder" if metrics.is_dir() else f"is in {metrics.parent}, which is not a folder"
+        raise Refused(f"argument --metrics: {metrics} {what}; expected a file in an existing folder")
+    if metrics.resolve() == output.resolve():  # resolve: the same file under two spellings, or through a link
+        raise Refused(f"argument --metrics: {metrics} is the --output file; expected another file, or the results "
+                      "would be overwritten by the scores")  # fmt: skip
