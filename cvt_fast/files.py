@@ -48,7 +48,15 @@ def replacing(path: Path) -> Iterator[Path]:
 
 
 def current_umask() -> int:
-    """The process's umask (which os.umask can only read by setting it, so it is set back at once)."""
+    """The process's umask: read from /proc where Linux shows it, since os.umask can only read it by setting it,
+    and for that moment another thread's new files would get the wrong permissions."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -100,6 +100,26 @@ def test_transformers_loads_what_we_save(tmp_path):
     assert config["architectures"] == ["CvtForImageClassification"] and config["model_type"] == "cvt"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_permissions_a_plain_open_gives(tmp_path, umask):
+    """safetensors creates its file readable by its owner only; a checkpoint folder is often shared. The umask is
+    read without being changed (another thread may be creating files meanwhile)."""
+    import os
+    import stat
+
+    from cvt_fast.files import current_umask
+
+    before = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        CvtForImageClassification(cvt_fast.CvtConfig(**SMALL)).save_pretrained(tmp_path)
+        assert current_umask() == umask
+    finally:
+        os.umask(before)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
 @pytest.mark.parametrize(
     "config, named",
     [
