@@ -4,6 +4,7 @@ it over folders of images. Nothing in the model's own modules imports from here.
   contenders.py         the benchmarks' contenders by name, and the defaults per device
   models.py             the models they measure: random weights the same on every machine, transformers' twin
   reporting.py          what the benchmarks share: dtypes, the machine's description, records, tables
+  timing.py             the one timer: contenders timed in interleaved rounds, medians and spreads
   engines.py            ONNX Runtime (on either export), OpenVINO and the frozen path as contenders, built once
   benchmark.py          throughput and errors against transformers (cvt-fast bench)
   training_benchmark.py a fine-tuning step against transformers' (cvt-fast bench --train)
@@ -13,19 +14,11 @@ it over folders of images. Nothing in the model's own modules imports from here.
 """
 
 import importlib
+import pkgutil
 from typing import Any
 
-_MODULES = (
-    "benchmark",
-    "contenders",
-    "dataset_inference",
-    "engines",
-    "evaluation",
-    "models",
-    "reporting",
-    "resolution",
-    "training_benchmark",
-)
+# Every module of this package, read from its folder so that none is left out.
+_MODULES = frozenset(module.name for module in pkgutil.iter_modules(__path__))
 
 
 def __getattr__(name: str) -> Any:  # `cvt_fast.tools.reporting` without importing it first, as for cvt_fast itself
