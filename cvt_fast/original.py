@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, CvtConfig
+from .config import PRESETS, CvtConfig, preset_named
 from .errors import CheckpointError, ConfigError, MissingDependencyError, describe_value
-from .loading import OPTIONAL_SUFFIXES, _check_tensors, _listing, _read_pickle
+from .loading import _check_tensors, _listing, _read_pickle, adapt_prefix, compare_keys
 
 # The original's per-stage spec fields (MODEL.SPEC in its YAML files) and the config fields they fill.
 SPEC_FIELDS = {
@@ -52,8 +52,9 @@ def config_from_spec(spec: str | os.PathLike | dict, **overrides: Any) -> CvtCon
     """A CvtConfig with the original's numerics from a YAML spec file (experiments/.../cvt-13-224x224.yaml), its
     MODEL.SPEC dict (or the whole parsed YAML), or a preset name (cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24,
     cvt-w24-384). `overrides` are config fields (num_labels, say)."""
-    if isinstance(spec, (str, os.PathLike)) and str(spec) in PRESETS and not Path(spec).exists():
-        return PRESETS[str(spec)].config(**ORIGINAL_NUMERICS, **overrides)
+    preset = _preset(spec)
+    if preset is not None:
+        return preset.config(**{**ORIGINAL_NUMERICS, **overrides})  # an override (hidden_act) wins, as below
     where = "the spec"
     if isinstance(spec, (str, os.PathLike)):
         where, spec = str(spec), _read_yaml(Path(spec))
@@ -92,8 +93,9 @@ def config_from_spec(spec: str | os.PathLike | dict, **overrides: Any) -> CvtCon
 def spec_image_size(spec: str | os.PathLike | dict) -> int | None:
     """The image size the spec's model was evaluated at: a preset's, or the YAML's TEST.IMAGE_SIZE (else
     TRAIN.IMAGE_SIZE); None where the spec does not say."""
-    if isinstance(spec, (str, os.PathLike)) and str(spec) in PRESETS and not Path(spec).exists():
-        return PRESETS[str(spec)].image_size
+    preset = _preset(spec)
+    if preset is not None:
+        return preset.image_size
     if isinstance(spec, (str, os.PathLike)):
         spec = _read_yaml(Path(spec))
     for section in ("TEST", "TRAIN"):
@@ -103,7 +105,15 @@ def spec_image_size(spec: str | os.PathLike | dict) -> int | None:
     return None
 
 
+def _preset(spec: str | os.PathLike | dict):
+    """The preset a spec names; None for a dict, another name, or a file that happens to bear a preset's name."""
+    return preset_named(spec) if isinstance(spec, (str, os.PathLike)) else None
+
+
 def _read_yaml(path: Path) -> Any:
+    if not path.exists():  # most often a preset's name mistyped: say so before asking for PyYAML or reading it
+        raise ConfigError(f"{path}: neither a file nor a preset; expected a YAML spec file or one of the presets "
+                          f"{', '.join(PRESETS)}")  # fmt: skip
     try:
         import yaml
     except ImportError:
@@ -211,24 +221,23 @@ def load_original(model_class, checkpoint: str | os.PathLike, spec, **kwargs: An
         )
     if unknown:
         raise CheckpointError(f"{checkpoint}: keys outside the original CvT's layout: {_listing(unknown)}")
+    if not any(k.startswith("stage") for k in state):  # adapt_prefix would take norm and head alone for a backbone's
+        raise CheckpointError(f"{checkpoint} lacks what the spec needs: every stage; it has only "
+                              f"{_listing(list(state))}")  # fmt: skip
     model = model_class(config, backend=backend)
-    prefix = model.base_model_prefix + "."
-    backbone = not any(k.startswith(prefix) for k in model.state_dict())
-    if backbone:  # CvtModel: its keys lack the prefix, and it has no final norm or head
-        mapped = {k: v for k, v in mapped.items() if k.startswith(prefix)}
-    expected = {(prefix + k if backbone else k): v for k, v in model.state_dict().items()}
-    wrong = [f"{key_in_original(k)} is {tuple(v.shape)}, the spec makes it {tuple(expected[k].shape)}"
-             for k, v in mapped.items() if k in expected and v.shape != expected[k].shape]  # fmt: skip
+    mapped = adapt_prefix(mapped, model)  # a backbone (CvtModel): its keys lack the prefix, and it has no norm or head
+    missing, extra, wrong = compare_keys(model, mapped)
+    # key_in_original reads CvtForImageClassification's names; a backbone's lack its base model's prefix.
+    prefix = "" if hasattr(model, model.base_model_prefix) else model.base_model_prefix + "."
     if wrong:
-        raise CheckpointError(f"{checkpoint} does not fit the spec: {_listing(wrong, 4)}")
-    extra = [key_in_original(k) for k in mapped if k not in expected]
+        shapes = [f"{key_in_original(prefix + k)} is {ours}, the spec makes it {needed}" for k, ours, needed in wrong]
+        raise CheckpointError(f"{checkpoint} does not fit the spec: {_listing(shapes, 4)}")
     if extra:
+        extra = [key_in_original(prefix + k) for k in extra]
         raise CheckpointError(f"{checkpoint} has what the spec has no place for: {_listing(extra)}")
-    missing = [key_in_original(k) for k in expected if k not in mapped and not k.endswith(OPTIONAL_SUFFIXES)]
     if missing:
+        missing = [key_in_original(prefix + k) for k in missing]
         raise CheckpointError(f"{checkpoint} lacks what the spec needs: {_listing(missing)}")
-    if backbone:
-        mapped = {k[len(prefix) :]: v for k, v in mapped.items()}
     with torch.no_grad():
         model.load_state_dict(mapped, strict=False)  # strict but for the optional step counters, checked above
     return model.eval()

@@ -1,8 +1,10 @@
 """`cvt-fast convert`: an original CvT checkpoint (microsoft/CvT's .pth and YAML spec) into transformers' format, which
 cvt_fast loads with the same answers and transformers loads key for key; refusals in one line, nothing half-written."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +52,8 @@ def test_converted_folder_loads_with_the_original_answers_in_cvt_fast_and_key_fo
     ours = CvtForImageClassification.from_pretrained(tmp_path / "converted").double()
     x = pixels()
     with torch.inference_mode():
-        assert rel_err(ours(x).logits, reference(x)) < 2e-5  # float32 weights, as the .pth holds them
+        # float64 on both sides, of the same (float32) weights: the conversion must lose nothing
+        assert rel_err(ours(x).logits, reference(x)) < 1e-12
     transformers = pytest.importorskip("transformers")
     theirs, info = transformers.CvtForImageClassification.from_pretrained(
         tmp_path / "converted", output_loading_info=True
@@ -78,6 +81,9 @@ def test_refusals_are_one_line_with_status_2_and_write_nothing(original, tmp_pat
         (["--checkpoint", tmp_path / "missing.pth", "--spec", "cvt-13"],
          f"cvt-fast convert: argument --checkpoint: {tmp_path / 'missing.pth'} is not a file; expected an original "
          "CvT .pth"),
+        (["--checkpoint", root / "final_state.pth", "--spec", "cvt-31"],
+         "cvt-fast convert: cvt-31: neither a file nor a preset; expected a YAML spec file or one of the presets "
+         "cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24, cvt-w24-384"),
     ]  # fmt: skip
     for argv, message in cases:
         status, out, err = convert(capsys, *argv, "--output", tmp_path / "out")
@@ -92,18 +98,54 @@ def test_refusals_are_one_line_with_status_2_and_write_nothing(original, tmp_pat
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
 
-def test_a_write_that_fails_midway_leaves_nothing(original, tmp_path, capsys, monkeypatch):
+def _full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _unwritable_parent(*args, dir=None, **kwargs):
+    raise PermissionError(13, "Permission denied", f"{dir}/.out.scratch")  # as mkdtemp names its folder
+
+
+def _rename_fails(source, target, _replace=os.replace):
+    if Path(target).name == "out":  # the scratch folder's rename into place; save_pretrained's own renames go on
+        raise OSError(18, "Invalid cross-device link")
+    _replace(source, target)
+
+
+@pytest.mark.parametrize(
+    "failing, failure, reason",
+    [
+        ("tempfile.mkdtemp", _unwritable_parent, "[Errno 13] Permission denied"),  # the parent cannot be written in
+        ("safetensors.torch.save_file", _full_disk, "[Errno 28] No space left on device"),  # the model's save
+        ("cvt_fast.image_processing.CvtImageProcessor.save_pretrained", _full_disk,
+         "[Errno 28] No space left on device"),
+        ("os.replace", _rename_fails, "[Errno 18] Invalid cross-device link"),
+    ],
+    ids=["scratch folder", "weights", "preprocessor config", "rename into place"],
+)  # fmt: skip
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "empty output folder"])
+def test_a_write_that_fails_leaves_nothing_and_names_the_output(
+    original, tmp_path, capsys, monkeypatch, failing, failure, reason, existing
+):
     _, root = original
-    from cvt_fast.image_processing import CvtImageProcessor
-
-    def full_disk(self, directory):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(CvtImageProcessor, "save_pretrained", full_disk)
+    monkeypatch.setattr(failing, failure)
     out = tmp_path / "out"
+    if existing:
+        out.mkdir()
     status, _, err = convert(capsys, "--checkpoint", root / "final_state.pth", "--spec", root / "cvt-small.yaml",
                              "--output", out)  # fmt: skip
-    assert status == 2 and err == [
-        f"cvt-fast convert: cannot write {out} ([Errno 28] No space left on device); nothing was written"
-    ]
-    assert list(tmp_path.iterdir()) == []
+    assert status == 2 and err == [f"cvt-fast convert: cannot write {out} ({reason}); nothing was written"]
+    assert list(tmp_path.iterdir()) == ([out] if existing else [])  # no scratch left; the user's empty folder kept
+    assert not existing or list(out.iterdir()) == []
+
+
+def test_an_empty_output_folder_is_written_into(original, tmp_path, capsys):
+    _, root = original
+    (tmp_path / "out").mkdir()
+    status, _, _ = convert(capsys, "--checkpoint", root / "final_state.pth", "--spec", root / "cvt-small.yaml",
+                           "--output", tmp_path / "out")  # fmt: skip
+    assert status == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip

@@ -3,13 +3,15 @@ the branches at per-layer rates) reach every path. The oracle is tests/support/o
 original's definition: its state_dict is a checkpoint in the original layout, made without cvt_fast's mapping."""
 
 import copy
+import sys
 
 import pytest
 import torch
 
 import cvt_fast
 from cvt_fast import CheckpointError, ConfigError, CvtForImageClassification, CvtModel
-from cvt_fast.original import config_from_spec
+from cvt_fast.config import PRESETS
+from cvt_fast.original import config_from_spec, spec_image_size
 from cvt_fast.testing import randomize_
 
 from support.helpers import rel_err
@@ -99,9 +101,53 @@ def test_a_yaml_spec_and_a_preset_name(original, tmp_path):
     )
     from_yaml = CvtForImageClassification.from_original(path, spec=tmp_path / "cvt-small.yaml")
     assert from_yaml.config.embed_dim == SMALL_SPEC["DIM_EMBED"] and from_yaml.config.num_labels == 10
-    preset = cvt_fast.CvtConfig.from_pretrained("cvt-13")
-    assert config_from_spec("cvt-13").depth == preset.depth
+    assert config_from_spec("cvt-13") == config_from_spec(CVT_13_SPEC, num_labels=1000)
     assert config_from_spec("cvt-13").hidden_act == "quick_gelu"
+
+
+# MODEL.SPEC of microsoft/CvT's experiments/imagenet/cvt/cvt-13-224x224.yaml, as published.
+CVT_13_SPEC = {
+    "INIT": "trunc_norm",
+    "NUM_STAGES": 3,
+    "PATCH_SIZE": [7, 3, 3],
+    "PATCH_STRIDE": [4, 2, 2],
+    "PATCH_PADDING": [2, 1, 1],
+    "DIM_EMBED": [64, 192, 384],
+    "NUM_HEADS": [1, 3, 6],
+    "DEPTH": [1, 2, 10],
+    "MLP_RATIO": [4.0, 4.0, 4.0],
+    "ATTN_DROP_RATE": [0.0, 0.0, 0.0],
+    "DROP_RATE": [0.0, 0.0, 0.0],
+    "DROP_PATH_RATE": [0.0, 0.0, 0.1],
+    "QKV_BIAS": [True, True, True],
+    "CLS_TOKEN": [False, False, True],
+    "POS_EMBED": [False, False, False],
+    "QKV_PROJ_METHOD": ["dw_bn", "dw_bn", "dw_bn"],
+    "KERNEL_QKV": [3, 3, 3],
+    "PADDING_KV": [1, 1, 1],
+    "STRIDE_KV": [2, 2, 2],
+    "PADDING_Q": [1, 1, 1],
+    "STRIDE_Q": [1, 1, 1],
+}
+
+
+def test_a_preset_takes_the_same_overrides_as_a_spec():
+    config = config_from_spec("cvt-13", hidden_act="gelu", stochastic_depth="transformers", num_labels=10)
+    assert (config.hidden_act, config.stochastic_depth, config.num_labels) == ("gelu", "transformers", 10)
+    assert config == config_from_spec(CVT_13_SPEC, hidden_act="gelu", stochastic_depth="transformers", num_labels=10)
+
+
+@pytest.mark.parametrize("pyyaml", ["installed", "missing"])
+def test_a_mistyped_preset_is_named_as_neither_a_file_nor_a_preset(monkeypatch, pyyaml):
+    if pyyaml == "missing":
+        monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml then raises ImportError
+    message = ("cvt-31: neither a file nor a preset; expected a YAML spec file or one of the presets "
+               "cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24, cvt-w24-384")  # fmt: skip
+    assert ", ".join(PRESETS) in message
+    for read in (config_from_spec, spec_image_size):
+        with pytest.raises(ConfigError) as refusal:
+            read("cvt-31")
+        assert str(refusal.value) == message
 
 
 def test_every_key_maps_both_ways_and_nothing_is_left_over(original):
@@ -131,15 +177,18 @@ def edited(state, remove=(), add=None):
          "has what the spec has no place for: stage2.blocks.3.norm1.weight"),
         (lambda s: edited(s, add={"stage1.blocks.0.attn.proj_q.weight": torch.ones(16, 16)}),
          "stage1.blocks.0.attn.proj_q.weight is (16, 16), the spec makes it (32, 32)"),
+        (lambda s: {k: v for k, v in s.items() if k.startswith(("norm.", "head."))},
+         "lacks what the spec needs: every stage; it has only norm.weight, norm.bias, head.weight, head.bias"),
     ],
-    ids=["another architecture", "an unknown key", "a missing key", "an extra layer", "a wrong shape"],
+    ids=["another architecture", "an unknown key", "a missing key", "an extra layer", "a wrong shape", "no stage"],
 )  # fmt: skip
-def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(original, tmp_path, damage, message):
+@pytest.mark.parametrize("model_class", [CvtForImageClassification, CvtModel])
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(original, tmp_path, damage, message, model_class):
     reference, _ = original
     state = damage({k: v.float() for k, v in reference.state_dict().items()})
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        CvtForImageClassification.from_original(tmp_path / "bad.pth", spec=SMALL_SPEC)
+        model_class.from_original(tmp_path / "bad.pth", spec=SMALL_SPEC)
 
 
 @pytest.mark.parametrize(

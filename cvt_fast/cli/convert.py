@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     model = CvtForImageClassification.from_original(args.checkpoint, spec=args.spec, backend="eager")
     size = args.image_size or spec_image_size(args.spec) or 224
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    scratch = None
     try:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp's folder is its owner's only; the result is not
         logger, level = logging.getLogger("cvt_fast"), logging.getLogger("cvt_fast").level
         logger.setLevel(logging.ERROR)  # save's warning would repeat the note below, on what transformers runs
@@ -62,13 +63,12 @@ def run(args: argparse.Namespace) -> int:
         finally:
             logger.setLevel(level)
         CvtImageProcessor(size=size).save_pretrained(scratch)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(scratch, output)
+        os.replace(scratch, output)  # onto an empty folder too (POSIX rename): the user's stays if this fails
     except BaseException as error:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            raise CheckpointWriteError(f"cannot write {output} ({one_line(error)}); nothing was written") from error
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(f"cannot write {output} ({_reason(error)}); nothing was written") from error
         raise
     parameters = sum(p.numel() for p in model.parameters())
     print(f"wrote {output}: config.json, model.safetensors, preprocessor_config.json ({parameters / 1e6:.1f}M "
@@ -83,3 +83,11 @@ def run(args: argparse.Namespace) -> int:
           f"(logits {difference:.1e} apart, relative, on a random image) and its own stochastic depth in "
           "training.")  # fmt: skip
     return 0
+
+
+def _reason(error: OSError) -> str:
+    """Why a write failed, without the scratch folder's name, which the user never gave: save_pretrained's own
+    refusal (a CheckpointWriteError) names it, so its cause is read instead, and an OSError's file name is left out."""
+    if isinstance(error, UserError) and isinstance(error.__cause__, OSError):
+        error = error.__cause__
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else one_line(error)
