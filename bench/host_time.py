@@ -11,30 +11,21 @@ Two figures per backend, on this CPU:
     python bench/host_time.py [--model cvt-13] [--image-size 224] [--threads 2] [--repeats 300]
 
 (Not the meta device: its shape functions are Python decompositions, slower than the CPU's kernels on tiny tensors.)
-Medians of --repeats calls (the full forward takes a tenth of them), under torch.inference_mode(), after a warm-up.
+Medians of about --repeats calls (the full forward takes a tenth of them), under torch.inference_mode(), the two
+backends interleaved in rounds (cvt_fast.tools.timing) so that drift on a shared machine hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import cvt_fast
 from cvt_fast.tools.models import random_model
+from cvt_fast.tools.timing import BLOCK, interleaved
 
-
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+BACKENDS = ("auto", "eager")
 
 
 def main() -> None:
@@ -54,16 +45,16 @@ def main() -> None:
     )
     config = cvt_fast.CvtConfig.from_pretrained(args.model)
     narrow = cvt_fast.CvtConfig.from_pretrained(args.model, embed_dim=[d // args.narrow for d in config.embed_dim])
-    for backend in ("auto", "eager"):
-        cases = (("host", narrow, 32, args.repeats), ("full", config, args.image_size, max(args.repeats // 10, 5)))
-        for name, case_config, size, repeats in cases:
-            model = random_model(case_config, backend=backend)
-            x = torch.randn(1, config.num_channels, size, size)
-            with torch.inference_mode():
-                seconds = median_seconds(lambda model=model, x=x: model(x), repeats)
-            print(
-                f"  backend {backend:5s} {name} ({size} px): {seconds * 1e3:8.3f} ms per forward (median of {repeats})"
-            )
+    cases = (("host", narrow, 32, args.repeats), ("full", config, args.image_size, max(args.repeats // 10, 5)))
+    for name, case_config, size, repeats in cases:
+        x = torch.randn(1, config.num_channels, size, size)
+        models = {backend: random_model(case_config, backend=backend) for backend in BACKENDS}
+        rounds = max(repeats // (BLOCK - 1), 2)  # each round counts BLOCK - 1 calls of each backend
+        with torch.inference_mode():
+            timings = interleaved({b: lambda r, model=model, x=x: model(x) for b, model in models.items()}, rounds)
+        for backend, timing in timings.items():
+            print(f"  backend {backend:5s} {name} ({size} px): {timing.seconds * 1e3:8.3f} ms per forward "
+                  f"(median of {len(timing.samples)}, rounds apart by {timing.spread:.0%})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ stochastic depth, everything else equal (the same initial weights, data order an
 Accuracy is read once, after the last epoch (no epoch picked on the test images).
 
     pip install scikit-learn
-    python bench/stochastic_depth.py --seeds 5 --out bench/results/stochastic-depth
+    python bench/stochastic_depth.py --seeds 4 --epochs 20 --threads 1 --out bench/results/stochastic-depth-digits
 
-Writes stochastic_depth.json (every run) and stochastic_depth.md (mean and spread per experiment) under --out.
+Writes stochastic_depth.json under --out (every run, rewritten as each ends, so a run stopped early keeps what it
+measured) and, at the end, stochastic_depth.md (mean and spread per experiment).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import cvt_fast
+from cvt_fast.tools.reporting import cpu_description, markdown_table
 
 MODES = ("transformers", "original")
 
@@ -122,8 +123,8 @@ def finetune(mode, seed, images, labels, train_idx, test_idx, epochs, shots, rat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--shots", type=int, default=20)
     parser.add_argument("--drop-path-rate", type=float, nargs=3, default=[0.0, 0.1, 0.2])
     parser.add_argument("--threads", type=int, default=None)
@@ -133,6 +134,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     images, labels = digits()
     train_idx, test_idx = splits(labels)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)  # now: a folder that cannot be made fails before the runs
+    header = (f"scikit-learn digits, {len(train_idx)} train / {len(test_idx)} test images; drop_path_rate "
+              f"{args.drop_path_rate}, {args.epochs} epochs, {args.shots} shots per class in finetune; torch "
+              f"{torch.__version__}, {cpu_description()}")  # fmt: skip
     runs = []
     for seed in range(args.seeds):
         for mode in MODES:
@@ -147,26 +153,21 @@ def main() -> None:
                              "seconds": time.perf_counter() - start})  # fmt: skip
                 print(f"seed {seed} {experiment:8s} {mode:12s} accuracy {acc:.4f} "
                       f"({runs[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
-    lines = [
-        f"scikit-learn digits, {len(train_idx)} train / {len(test_idx)} test images; drop_path_rate "
-        f"{args.drop_path_rate}, {args.epochs} epochs, {args.shots} shots per class in finetune; torch "
-        f"{torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "",
-        "| experiment | stochastic depth | accuracy, mean | spread (std) | min | max | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
+                if args.out is not None:
+                    record = {"args": vars(args) | {"out": str(args.out)}, "setup": header, "runs": runs}
+                    (args.out / "stochastic_depth.json").write_text(json.dumps(record, indent=1) + "\n")
+    rows = []
     for experiment in ("scratch", "finetune"):
         for mode in MODES:
             values = [r["accuracy"] for r in runs if r["experiment"] == experiment and r["stochastic_depth"] == mode]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            lines.append(f"| {experiment} | {mode} | {statistics.mean(values):.4f} | {spread:.4f} | {min(values):.4f} "
-                         f"| {max(values):.4f} | {len(values)} |")  # fmt: skip
-    print("\n".join(lines))
+            rows.append((experiment, mode, f"{statistics.mean(values):.4f}", f"{spread:.4f}", f"{min(values):.4f}",
+                         f"{max(values):.4f}", len(values)))  # fmt: skip
+    columns = ("experiment", "stochastic depth", "accuracy, mean", "spread (std)", "min", "max", "seeds")
+    summary = f"{header}\n\n{markdown_table(columns, rows)}"
+    print(summary, end="")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stochastic_depth.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
-                                                                    "runs": runs}, indent=1) + "\n")  # fmt: skip
-        (args.out / "stochastic_depth.md").write_text("\n".join(lines) + "\n")
+        (args.out / "stochastic_depth.md").write_text(summary)
 
 
 if __name__ == "__main__":
