@@ -12,7 +12,7 @@ Two figures per backend, on this CPU:
 
 (Not the meta device: its shape functions are Python decompositions, slower than the CPU's kernels on tiny tensors.)
 Medians of about --repeats calls (the full forward takes a tenth of them), under torch.inference_mode(), the two
-backends interleaved in rounds (cvt_fast.tools.timing) so that drift on a shared machine hits both alike.
+backends interleaved in rounds (cvt_fast.timing) so that drift on a shared machine hits both alike.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import argparse
 import torch
 
 import cvt_fast
+from cvt_fast.timing import BLOCK, interleaved
 from cvt_fast.tools.models import random_model
-from cvt_fast.tools.timing import BLOCK, interleaved
 
 BACKENDS = ("auto", "eager")
 

@@ -97,6 +97,7 @@ _SUBMODULES = (
     "outputs",
     "patching",
     "testing",
+    "timing",
     "tools",
 )
 # The tools moved into cvt_fast.tools; their old attribute names still lead there.

@@ -181,6 +181,26 @@ def load_for_export(name_or_path: str | os.PathLike) -> nn.Module:
     return (CvtForImageClassification if has_head else CvtModel).from_pretrained(directory, backend="eager")
 
 
+def onnx_model(module: nn.Module, example: torch.Tensor, output_names: list[str], dynamic_shapes: dict,
+               layers: int, attention: str = "ort"):  # fmt: skip
+    """(onnx.ModelProto, a summary of its attention nodes) of `module` (a cvt_fast model wrapped to return a tensor or
+    a tuple of them, on the eager path, float32, eval mode) traced on `example` with the attention as one op, mapped
+    onto `attention`'s fused node (ATTENTION_FORMS). ExportError unless the graph has one such node per attention
+    layer and no score matrix."""
+    if attention not in ATTENTION_FORMS:
+        raise ValueError(f"attention is {attention!r}; expected one of {tuple(ATTENTION_FORMS)}")
+    with ops.attention_as_one_op(), torch.no_grad(), _exporter_quiet():
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"],
+            output_names=output_names, dynamic_shapes=dynamic_shapes,
+            custom_translation_table={torch.ops.cvt_fast.attention.default: _attention_translation},
+        )  # fmt: skip
+    model_proto = program.model_proto
+    if attention == "ort":
+        _to_multi_head_attention(model_proto)
+    return model_proto, _attention_summary(model_proto, attention, layers)
+
+
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
@@ -210,16 +230,10 @@ def export_onnx(
     height = torch.export.Dim("height", min=config.total_stride, max=16384)
     width = torch.export.Dim("width", min=config.total_stride, max=16384)
     example = _validation_inputs(config.num_channels, [(2, 224, 224)])[0]
-    with ops.attention_as_one_op(), torch.no_grad(), _exporter_quiet():
-        program = torch.onnx.export(
-            traced, (example,), dynamo=True, opset_version=OPSET, input_names=["pixel_values"],
-            output_names=[traced.output_name], dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}},
-            custom_translation_table={torch.ops.cvt_fast.attention.default: _attention_translation},
-        )  # fmt: skip
-    model_proto = program.model_proto
-    if attention == "ort":
-        _to_multi_head_attention(model_proto)
-    summary = _attention_summary(model_proto, attention, sum(config.depth[: config.num_stages]))
+    model_proto, summary = onnx_model(
+        traced, example, [traced.output_name], {"pixel_values": {0: batch, 2: height, 3: width}},
+        sum(config.depth[: config.num_stages]), attention,
+    )  # fmt: skip
     report = ExportReport(output, summary, traced.output_name)
     temporary = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -237,4 +251,4 @@ def export_onnx(
     return report
 
 
-__all__ = ["ExportError", "ExportReport", "MissingDependencyError", "export_onnx", "load_for_export"]
+__all__ = ["ExportError", "ExportReport", "MissingDependencyError", "export_onnx", "load_for_export", "onnx_model"]

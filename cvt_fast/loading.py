@@ -248,6 +248,7 @@ def from_pretrained(
     _materialise_leftovers(model)
     model.to(device=device, dtype=target_dtype)
     model.eval()  # as transformers: a loaded model starts in inference mode
+    model.name_or_path = os.fspath(name_or_path)  # as transformers keeps it: where the checkpoint came from
     return model
 
 

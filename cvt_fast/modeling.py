@@ -408,6 +408,7 @@ class CvtPreTrainedModel(GradientCheckpointingMixin, nn.Module):
             raise TypeError(f"config must be a cvt_fast.CvtConfig, got {type(config).__name__}")
         config.validate()  # again: fields may have been assigned one by one since the config was made
         self.config = config
+        self.name_or_path = ""  # the checkpoint from_pretrained loaded, as transformers' models keep it
         self._backend = resolve_backend(backend)
         prepare_backend(self._backend)
 

@@ -170,9 +170,6 @@ def test_a_folder_that_is_not_labelled_is_refused_before_the_model_runs(labelled
     [
         (["--input", "{t}/results.jsonl"],
          "argument --input: {t}/results.jsonl is not a folder; expected FOLDER/<class>/<image>"),
-        (["--model", "{t}/model.pt2"],
-         "argument --model: {t}/model.pt2 is a frozen package (.pt2); expected a checkpoint folder (save_pretrained) "
-         "or hub id"),
         (["--metrics", "{t}/nodir/metrics.json"],
          "argument --metrics: {t}/nodir/metrics.json is in {t}/nodir, which is not a folder; expected a file in an "
          "existing folder"),
@@ -182,7 +179,7 @@ def test_a_folder_that_is_not_labelled_is_refused_before_the_model_runs(labelled
          "argument --metrics: {t}/../{n}/results.jsonl is the --output file; expected another file, or the results "
          "would be overwritten by the scores"),
     ],
-    ids=["--input not a folder", "--model a package", "--metrics in no folder", "--metrics a folder",
+    ids=["--input not a folder", "--metrics in no folder", "--metrics a folder",
          "--metrics the --output file"],
 )  # fmt: skip
 def test_a_wrong_argument_is_refused_before_the_run(labelled, tmp_path, capsys, argv, message):

@@ -1,7 +1,8 @@
-"""cvt_fast.freeze, FrozenCvt and load_frozen, tried as a user would: frozen from a transformers model and from a
-cvt_fast one, held to transformers' numbers and to float64, saved and loaded in a fresh process without transformers
-or a compile, and every misuse refused in one line. Each compile takes tens of seconds, so the frozen models are made
-once per module and shared."""
+"""cvt_fast.freeze, FrozenCvt and load_frozen on AOTInductor (engine="inductor", the engine that needs nothing but
+torch), tried as a user would: frozen from a transformers model and from a cvt_fast one, held to transformers' numbers
+and to float64, saved as a .pt2 and loaded in a fresh process without transformers or a compile, and every misuse
+refused in one line. Each compile takes tens of seconds, so the frozen models are made once per module and shared.
+The other engines, auto's choice and .cvt packages: test_frozen_engines.py."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch
 
 import cvt_fast
 from cvt_fast import frozen as frozen_module
-from cvt_fast.cpu_target import CpuTarget, cannot_run, this_cpu
+from cvt_fast.cpu_target import RELEVANT_FLAGS, CpuTarget, cannot_run, this_cpu
 from cvt_fast.errors import CheckpointError, CheckpointNotFoundError, InputError, InputTypeError
+from cvt_fast.frozen import package
+from cvt_fast.frozen.engines import inductor
 
 from support.helpers import FLOORS, TRAINABLE, harden_statistics_, model_pair, rel_err
 
@@ -39,7 +42,7 @@ def pair():
 @pytest.fixture(scope="module")
 def frozen_f32(pair, tmp_path_factory):
     """transformers' own model, frozen as it is (float32), and its package saved."""
-    frozen = cvt_fast.freeze(pair[0], batch_size=BATCH, image_size=(HEIGHT, WIDTH))
+    frozen = cvt_fast.freeze(pair[0], batch_size=BATCH, image_size=(HEIGHT, WIDTH), engine="inductor")
     path = tmp_path_factory.mktemp("package") / "cvt.pt2"
     frozen.save(path)
     return frozen, path
@@ -50,7 +53,7 @@ def base_bf16():
     """A cvt_fast base model (no head) and its bfloat16 freeze for any batch up to BATCH."""
     _, model = harden_statistics_(model_pair(TRAINABLE, head=False, seed=1), torch.Generator().manual_seed(1))
     return model, cvt_fast.freeze(model, batch_size=BATCH, image_size=(HEIGHT, WIDTH), dtype=torch.bfloat16,
-                                  dynamic_batch=True)  # fmt: skip
+                                  dynamic_batch=True, engine="inductor")  # fmt: skip
 
 
 def images(count=BATCH, seed=0, dtype=torch.float32):
@@ -113,7 +116,7 @@ def test_a_snapshot_that_edits_do_not_reach_and_a_model_left_as_it_was(pair):
     before = {name: t.clone() for name, t in model.state_dict().items()}
     frozen = frozen_module.FrozenCvt  # the type, for the repr check below
     x = images()
-    snapshot = cvt_fast.freeze(model, batch_size=BATCH, image_size=(HEIGHT, WIDTH), dtype="bfloat16")
+    snapshot = cvt_fast.freeze(model, batch_size=BATCH, image_size=(HEIGHT, WIDTH), dtype="bfloat16", engine="inductor")
     assert isinstance(snapshot, frozen) and "edits to the model after freezing do not reach it" in repr(snapshot)
     for name, tensor in model.state_dict().items():  # a bfloat16 freeze did not round the float32 weights
         assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name]), name
@@ -168,20 +171,48 @@ print(json.dumps({{"repr": repr(frozen), "labels": frozen.config.num_labels}}))
     assert all("_chk_kernel" in source and "cpp_fused" not in source for source in sources), "loading compiled code"
 
 
-def test_a_package_built_for_more_than_this_cpu_is_refused_before_loading(frozen_f32, monkeypatch):
+def with_record(path, tmp_path, **changes):
+    """A copy of a .pt2 package whose record (in its AOTInductor metadata) says something else."""
+    copy = tmp_path / f"changed-{len(list(tmp_path.iterdir()))}.pt2"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            metadata = json.loads(data) if name.endswith("_metadata.json") else {}
+            if inductor.METADATA_KEY in metadata:
+                record = json.loads(metadata[inductor.METADATA_KEY])
+                record.update(changes)
+                metadata[inductor.METADATA_KEY] = json.dumps(record)
+                data = json.dumps(metadata).encode()
+            target.writestr(name, data)
+    return copy
+
+
+def test_a_package_built_for_more_than_this_cpu_is_refused_before_loading(frozen_f32, tmp_path, monkeypatch):
+    """Its record claims instructions this CPU lacks (written here, so any CPU the suite runs on sees the refusal)."""
     _, path = frozen_f32
     here = this_cpu()
+    target = here.as_dict()
+    lacking = [flag for flag in RELEVANT_FLAGS if flag not in here.flags]
+    if lacking:
+        target.update(flags=sorted({*here.flags, *lacking}), capability="AVX512", onednn_native_bfloat16=True)
+    else:  # a CPU with every flag: claim another machine instead
+        target.update(machine="riscv64")
+    claimed = with_record(path, tmp_path, target=target)
+    loaded = []
+    monkeypatch.setattr(inductor, "load", lambda files, info: loaded.append(files))
+    with pytest.raises(package.PackageMismatchError, match="cannot run on this CPU") as refusal:
+        cvt_fast.load_frozen(claimed)
+    assert "\n" not in str(refusal.value) and not loaded
+    assert (
+        f"may use {', '.join(sorted(lacking))}, which this CPU lacks" if lacking else "compiled for riscv64"
+    ) in str(refusal.value)
     weaker = CpuTarget(here.machine, "AVX2", tuple(f for f in here.flags if "512" not in f and "amx" not in f),
                        False, "an AVX2-only CPU")  # fmt: skip
-    monkeypatch.setattr(frozen_module, "this_cpu", lambda: weaker)
-    loaded = []
-    monkeypatch.setattr(frozen_module, "_load_runner", lambda package: loaded.append(package))
-    built = frozen_module.read_package_info(path).target
-    if cannot_run(built, weaker) is None:
-        pytest.skip(f"this CPU ({built.describe()}) compiles nothing an AVX2-only CPU lacks")
-    with pytest.raises(frozen_module.PackageMismatchError, match="cannot run on this CPU") as refusal:
-        cvt_fast.load_frozen(path)
-    assert "\n" not in str(refusal.value) and "an AVX2-only CPU" in str(refusal.value) and not loaded
+    monkeypatch.setattr(package, "this_cpu", lambda: weaker)  # the package as built, on a weaker CPU
+    if cannot_run(frozen_module.read_package_info(path).target, weaker) is not None:
+        with pytest.raises(package.PackageMismatchError, match="an AVX2-only CPU"):
+            cvt_fast.load_frozen(path)
+    assert not loaded
 
 
 def test_a_package_from_another_torch_is_refused(frozen_f32, monkeypatch):
@@ -234,7 +265,7 @@ def test_things_that_are_not_packages_get_one_line(tmp_path):
     cases = [
         (tmp_path / "missing.pt2", CheckpointNotFoundError, "no such file"),
         (tmp_path, CheckpointError, "is a folder"),
-        (tmp_path / "notes.pt2", CheckpointError, "not a torch .pt2 package"),
+        (tmp_path / "notes.pt2", CheckpointError, "not a readable package"),
         (tmp_path / "other.pt2", CheckpointError, "not a cvt_fast frozen package"),
     ]
     for path, kind, message in cases:
@@ -250,7 +281,7 @@ def test_models_that_cannot_be_frozen_are_refused(pair):
     model.eval()
     with pytest.raises(InputTypeError, match="takes a CvtForImageClassification or CvtModel"):
         cvt_fast.freeze(torch.nn.Linear(2, 2))
-    with pytest.raises(InputError, match="float32 or torch.bfloat16"):
+    with pytest.raises(InputError, match="torch.float32, torch.bfloat16 or 'fastest'"):
         cvt_fast.freeze(model, dtype=torch.float16)
     with pytest.raises(InputError, match="batch_size"):
         cvt_fast.freeze(model, batch_size=0)
@@ -267,17 +298,17 @@ def test_a_compiled_model_that_computes_something_else_is_never_returned(pair, m
     """A planted miscompile (every output shifted by 1e-3 of its scale) fails the check against float64, and the
     compile's folder goes with it."""
     _, model = pair
-    load = frozen_module._load_runner
+    load = inductor.load
     folders = []
 
-    def shifted(package):
-        folders.append(package.parent)
-        runner = load(package)
-        return lambda inputs: [t + 1e-3 * t.abs().max() for t in runner(inputs)]
+    def shifted(files, info):
+        folders.append(files[inductor.ARTIFACT].parent)
+        runner = load(files, info)
+        return lambda x: [t + 1e-3 * t.abs().max() for t in runner(x)]
 
-    monkeypatch.setattr(frozen_module, "_load_runner", shifted)
-    with pytest.raises(frozen_module.FreezeError, match="from float64 .* nothing was frozen"):
-        cvt_fast.freeze(model, batch_size=1, image_size=(HEIGHT, WIDTH))
+    monkeypatch.setattr(inductor, "load", shifted)
+    with pytest.raises(frozen_module.FreezeError, match="inductor's logits is .* from float64 .* nothing was frozen"):
+        cvt_fast.freeze(model, batch_size=1, image_size=(HEIGHT, WIDTH), engine="inductor")
     gc.collect()
     assert folders and not folders[0].exists()
 
@@ -289,12 +320,12 @@ def test_the_compile_uses_an_inductor_cache_of_this_cpu_target(monkeypatch):
 
     target = this_cpu()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    with frozen_module._inductor_cache_for(target):
+    with inductor._inductor_cache_for(target):
         chosen = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     assert chosen.startswith(default_cache_dir() + "_cvt_fast_") and target.capability.lower() in chosen
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/of/mine")
-    with frozen_module._inductor_cache_for(target):
+    with inductor._inductor_cache_for(target):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/of/mine"
 
 
@@ -325,10 +356,9 @@ def checkpoint_and_images(pair, tmp_path_factory):
 def test_export_pt2_then_classify_gives_the_checkpoint_s_answers(checkpoint_and_images):
     folder = checkpoint_and_images
     package = folder / "cvt.pt2"
-    made = run_cli("export", "--model", str(folder / "ckpt"), "--format", "pt2", "--output", str(package),
-                   "--batch-size", "2")  # fmt: skip
+    made = run_cli("export", "--model", str(folder / "ckpt"), "--output", str(package), "--batch-size", "2")
     assert made.returncode == 0, made.stderr
-    assert "compiling ckpt (CvtForImageClassification) for pixel_values (2, 3, 32, 32) float32" in made.stderr
+    assert "freezing on inductor for pixel_values (2, 3, 32, 32) float32" in made.stderr
     assert f"wrote {package}" in made.stdout and "checked against float64" in made.stdout
     assert frozen_module.read_package_info(package).processor["size"] == {"shortest_edge": 32}
 
@@ -349,9 +379,9 @@ def test_export_pt2_then_classify_gives_the_checkpoint_s_answers(checkpoint_and_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--compile"], "is a package, compiled already"),
-        (["--backend", "eager"], "runs compiled code, which has no backend to choose"),
-        (["--device", "cuda"], "runs compiled code on the CPU"),
+        (["--compile"], "is a package, frozen already"),
+        (["--backend", "eager"], "runs a frozen model, which has no backend to choose"),
+        (["--device", "cuda"], "runs a frozen model on the CPU"),
     ],
 )
 def test_classify_refuses_what_a_package_cannot_do(tmp_path, capsys, extra, message):
@@ -360,20 +390,3 @@ def test_classify_refuses_what_a_package_cannot_do(tmp_path, capsys, extra, mess
     assert main(["classify", "--model", str(tmp_path / "cvt.pt2"), *extra, "x.png"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--format", "pt2", "--output", "cvt.onnx"], "should end in .pt2"),
-        (["--format", "pt2", "--output", "cvt.pt2", "--attention", "onnx"], "only with --format onnx"),
-        (["--output", "cvt.onnx", "--dtype", "bfloat16"], "only with --format pt2"),
-        (["--format", "pt2", "--output", "cvt.pt2", "--image-size", "1", "2", "3"], "one size or a height and a width"),
-    ],
-)
-def test_export_refuses_options_of_the_other_format(tmp_path, capsys, monkeypatch, extra, message):
-    from cvt_fast.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    assert main(["export", "--model", "ckpt", *extra]) == 2
-    assert message in capsys.readouterr().err

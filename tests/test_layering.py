@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Bottom first. A pattern names a module or, with ".*", every module of a package.
 LAYERS = [
-    ("leaves", ["cvt_fast.errors", "cvt_fast.files", "cvt_fast.hub", "cvt_fast.testing"]),
+    ("leaves", ["cvt_fast.errors", "cvt_fast.files", "cvt_fast.hub", "cvt_fast.testing", "cvt_fast.timing"]),
     ("config", ["cvt_fast.config"]),
     ("kernels", ["cvt_fast.kernels", "cvt_fast.kernels.*"]),
     ("ops", ["cvt_fast.ops", "cvt_fast.ops.*"]),
@@ -37,7 +37,14 @@ LAYERS = [
     ),
     (
         "interop",
-        ["cvt_fast.patching", "cvt_fast.export", "cvt_fast.integrations", "cvt_fast.cpu_target", "cvt_fast.frozen"],
+        [
+            "cvt_fast.patching",
+            "cvt_fast.export",
+            "cvt_fast.integrations",
+            "cvt_fast.cpu_target",
+            "cvt_fast.frozen",
+            "cvt_fast.frozen.*",
+        ],
     ),
     (
         "tools",

@@ -90,15 +90,20 @@ def test_the_onnx_export(checkpoint, expected, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_frozen_cpu_package(checkpoint, expected, tmp_path):
+@pytest.mark.parametrize("engine", ["inductor", "onnxruntime", "openvino"])
+def test_the_frozen_cpu_package(checkpoint, expected, tmp_path, engine):
+    from cvt_fast.frozen.engines import engine as engine_module
+
+    if engine_module(engine).missing():
+        pytest.skip(engine_module(engine).missing())
     _, path = checkpoint
     x, truth, gelu_err = expected
     model = CvtForImageClassification.from_original(path, spec=SMALL_SPEC)
-    frozen = cvt_fast.freeze(model, batch_size=2, image_size=48, dtype=torch.float32)
-    frozen.save(tmp_path / "original.pt2")
-    loaded = cvt_fast.load_frozen(tmp_path / "original.pt2")
-    assert loaded.config.hidden_act == "quick_gelu"
-    judged(loaded(x).logits, truth, "frozen package", gelu_err)
+    frozen = cvt_fast.freeze(model, batch_size=2, image_size=48, dtype=torch.float32, engine=engine)
+    frozen.save(tmp_path / "original.cvt")
+    loaded = cvt_fast.load_frozen(tmp_path / "original.cvt")
+    assert loaded.config.hidden_act == "quick_gelu" and loaded.engine == engine
+    judged(loaded(x).logits, truth, f"frozen package ({engine})", gelu_err)
 
 
 def test_training_with_gradient_checkpointing_is_the_original_step(checkpoint):

@@ -1,7 +1,7 @@
 """Command line: `cvt-fast classify` (top labels for local images, or a whole folder into a results file),
 `cvt-fast evaluate` (accuracy on a labelled folder), `cvt-fast bench` (throughput, every speed beside its error),
-`cvt-fast export` (ONNX, validated with ONNX Runtime, or a frozen CPU package) and `cvt-fast convert` (an original CvT
-checkpoint into transformers' format).
+`cvt-fast export` (ONNX, validated with ONNX Runtime, or a frozen CPU package on this CPU's fastest engine) and
+`cvt-fast convert` (an original CvT checkpoint into transformers' format).
 
 Also reachable as `python -m cvt_fast`, which is also torchrun's way in (`torchrun -m cvt_fast classify --input ...`).
 A failure the user can cause (an argument, an image, a checkpoint or a config file) ends in one line per problem,
@@ -48,15 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         lines = user_error_lines(error)
-        export_module = sys.modules.get("cvt_fast.export")  # imported whenever an ExportError can have been raised
-        if lines is None and export_module is not None and isinstance(error, export_module.ExportError):
-            print(f"{prog}: {error}", file=sys.stderr)  # the export failed its own check: not the user's doing
+        if lines is None and _failed_its_own_check(error):
+            print(f"{prog}: {one_line(error, limit=1000)}", file=sys.stderr)  # not the user's doing, nor a crash
             return 1
         if lines is None:
             raise
         for line in lines if first_rank() else ():
             print(f"{prog}: {line}", file=sys.stderr)
         return 2
+
+
+def _failed_its_own_check(error: Exception) -> bool:
+    """An export or a freeze whose result failed its check against the model: nothing was written or returned. (The
+    modules are looked up, not imported: whenever such an error can have been raised, they are imported already.)"""
+    checks = [("cvt_fast.export", "ExportError"), ("cvt_fast.frozen.freezing", "FreezeError")]
+    return any(
+        (module := sys.modules.get(name)) is not None and isinstance(error, getattr(module, kind))
+        for name, kind in checks
+    )
 
 
 if __name__ == "__main__":

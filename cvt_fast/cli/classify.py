@@ -1,6 +1,7 @@
 """`cvt-fast classify`: the top labels of image files, printed; or, with --input and --output, every image of a
 folder or list into a JSON-lines file (cvt_fast.tools.dataset_inference: resumable, split across torchrun's
-processes). A frozen package (.pt2), or --compile, runs compiled code on the CPU instead of the checkpoint's model."""
+processes). A frozen package (.cvt or .pt2), or --compile, runs the frozen model on the CPU instead of the checkpoint's
+eager model."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def add_parser(sub) -> None:
     classify.add_argument(
         "--model",
         required=True,
-        help="checkpoint directory (save_pretrained) or hub id, or a frozen package (FILE.pt2, from cvt-fast export "
-        "--format pt2) to run on the CPU",
+        help="checkpoint directory (save_pretrained) or hub id, or a frozen package (FILE.cvt or FILE.pt2, from "
+        "cvt-fast export) to run on the CPU",
     )
     classify.add_argument(
         "--input", help="instead of image files: a folder (searched recursively) or a text file of image paths"
@@ -46,8 +47,9 @@ def add_parser(sub) -> None:
     classify.add_argument(
         "--compile",
         action="store_true",
-        help="freeze the checkpoint and compile it for this CPU first (a minute or two), then classify with the "
-        "compiled model (CPU only; float32, or bfloat16 with --dtype)",
+        help="freeze the checkpoint for this CPU first, on its fastest engine (a minute or two; cvt-fast export keeps "
+        "the result for the next run), then classify with the frozen model (CPU only; float32, or bfloat16 with "
+        "--dtype)",
     )
     classify.add_argument(
         "--overwrite", action="store_true", help="with --input: discard the results of an earlier run and start over"
@@ -56,6 +58,7 @@ def add_parser(sub) -> None:
 
 
 DATASET_OPTIONS = ("output", "batch_size", "workers", "overwrite")
+PACKAGE_SUFFIXES = (".cvt", ".pt2")  # cvt_fast.frozen's package files (not imported here: it imports torch)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,19 +94,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def is_package(model: str) -> bool:
-    """--model names a frozen package (FILE.pt2) rather than a checkpoint."""
-    return str(model).endswith(".pt2")
+    """--model names a frozen package (FILE.cvt, FILE.pt2) rather than a checkpoint."""
+    return str(model).endswith(PACKAGE_SUFFIXES)
 
 
 def _check_frozen_options(args: argparse.Namespace, package: bool) -> None:
     """A package, or --compile: compiled code on the CPU, with no backend to choose."""
     what = f"--model {args.model}" if package else "--compile"
     if package and args.compile:
-        raise Refused(f"argument --compile: {args.model} is a package, compiled already")
+        raise Refused(f"argument --compile: {args.model} is a package, frozen already")
     if args.device is not None and args.device != "cpu":
-        raise Refused(f"argument --device: {what} runs compiled code on the CPU, not on {args.device}")
+        raise Refused(f"argument --device: {what} runs a frozen model on the CPU, not on {args.device}")
     if args.backend is not None:
-        raise Refused(f"argument --backend: {what} runs compiled code, which has no backend to choose")
+        raise Refused(f"argument --backend: {what} runs a frozen model, which has no backend to choose")
     if args.compile and args.dtype == "float16":
         raise Refused("argument --dtype: --compile takes float32 or bfloat16")
 
@@ -114,14 +117,16 @@ def _classify_files_frozen(args: argparse.Namespace, package: bool) -> int:
 
     if package:
         frozen = _load_package(args)
-        processor = frozen.processor or _default_processor(args.model)
-        images = _read_images(args.images, processor)
+        images = _read_images(args.images, _package_processor(frozen, args.model))
     else:
         checkpoint = checkpoint_folder(args.model)
         processor = _processor(checkpoint, args.model)
         images = _read_images(args.images, processor)
         _check_one_size(images)
-        frozen = _compile_checkpoint(checkpoint, min(len(images), 32), images[0][1].shape[-2:], args.dtype)
+        from ..tools.dataset_inference.run import freeze_for_run
+
+        frozen = freeze_for_run(checkpoint, min(len(images), 32), tuple(images[0][1].shape[-2:]), args.dtype,
+                                sys.stderr)  # fmt: skip
     _check_frozen_sizes(images, frozen)
     for start in range(0, len(images), frozen.batch_size):
         chunk = images[start : start + frozen.batch_size]
@@ -137,24 +142,21 @@ def _load_package(args: argparse.Namespace):
 
     frozen = load_frozen(args.model)
     if args.dtype is not None and args.dtype != str(frozen.dtype).removeprefix("torch."):
-        raise Refused(f"argument --dtype: {args.model} was compiled for {frozen.dtype}, not {args.dtype}")
+        raise Refused(f"argument --dtype: {args.model} was frozen for {frozen.dtype}, not {args.dtype}")
     if frozen.info.model_class != "CvtForImageClassification":
         raise Refused(f"{args.model} holds a {frozen.info.model_class}, which has no classifier head")
     return frozen
 
 
-def _compile_checkpoint(checkpoint: Path, batch_size: int, image_size, dtype: str | None, err=None):
-    """The checkpoint frozen and compiled for this CPU, saying so on `err` while it takes its minute or two."""
-    from ..frozen import freeze_checkpoint
-    from ..modeling import CvtForImageClassification
+def _package_processor(frozen, name: str):
+    """The preprocessing a package records; CvT's default, said so, for a package that records none."""
+    if frozen.processor is not None:
+        return frozen.processor
+    from ..image_processing import DEFAULT_PREPROCESSING, CvtImageProcessor
 
-    err = err if err is not None else sys.stderr
-    frozen = freeze_checkpoint(
-        checkpoint, batch_size=batch_size, image_size=tuple(image_size), dtype=dtype or "float32",
-        model_class=CvtForImageClassification, say=lambda line: print(line, file=err, flush=True),
-    )  # fmt: skip
-    print(f"compiled in {frozen.info.compile_s:.0f} s", file=err, flush=True)
-    return frozen
+    if first_rank():
+        print(f"note: {name} records no preprocessing; using CvT's default ({DEFAULT_PREPROCESSING})", file=sys.stderr)
+    return CvtImageProcessor()
 
 
 def _print_top(path: str, logits, config, top_k: int) -> None:
@@ -199,14 +201,14 @@ def _classify_dataset(args: argparse.Namespace, package: bool) -> int:
     if package:
         frozen = _load_package(args)
         if args.batch_size is not None and args.batch_size != frozen.batch_size:
-            raise Refused(f"argument --batch-size: {args.model} was compiled for batches of {frozen.batch_size} "
+            raise Refused(f"argument --batch-size: {args.model} was frozen for batches of {frozen.batch_size} "
                           f"(export it again with --batch-size {args.batch_size})")  # fmt: skip
         return classify_dataset(
             Options(
                 source=args.input,
                 output=args.output,
                 checkpoint=Path(args.model),
-                processor=frozen.processor or _default_processor(args.model),
+                processor=_package_processor(frozen, args.model),
                 batch_size=frozen.batch_size,
                 workers=args.workers,
                 top_k=args.top_k,
@@ -245,7 +247,7 @@ def checkpoint_folder(name: str) -> Path:
     if not (checkpoint / CONFIG_NAME).is_file():
         raise Refused(
             f"argument --model: {checkpoint} has no {CONFIG_NAME}; expected a checkpoint folder as save_pretrained "
-            f"writes it ({CONFIG_NAME} beside the weights), a hub id, or a frozen package (.pt2)"
+            f"writes it ({CONFIG_NAME} beside the weights), a hub id, or a frozen package (.cvt, .pt2)"
         )
     return checkpoint
 
@@ -274,13 +276,13 @@ def _check_one_size(images: list[tuple[str, object]]) -> None:
     if len(sizes) > 1:
         listed = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
         raise Refused(f"argument --compile: the images come out of preprocessing in several sizes ({listed}); a "
-                      "compiled model takes one")  # fmt: skip
+                      "frozen model takes one")  # fmt: skip
 
 
 def _check_frozen_sizes(images: list[tuple[str, object]], frozen) -> None:
     height, width = frozen.image_size
     problems = [
-        f"{path}: after preprocessing it is {pixels.shape[-2]}x{pixels.shape[-1]}, but the package was compiled for "
+        f"{path}: after preprocessing it is {pixels.shape[-2]}x{pixels.shape[-1]}, but the package was frozen for "
         f"{height}x{width}"
         for path, pixels in images
         if tuple(pixels.shape[-2:]) != (height, width)

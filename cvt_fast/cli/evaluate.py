@@ -16,11 +16,15 @@ def add_parser(sub) -> None:
         "evaluate",
         help="top-1, top-5 and per-class accuracy of a checkpoint on a labelled image folder (FOLDER/<class>/<image>)",
         description="Classifies every image of FOLDER as `cvt-fast classify --input FOLDER --output FILE --top-k 5` "
-        "does (the same model options; a checkpoint, not a .pt2 package; resumable; torchrun splits it), then scores "
-        "the results against each image's class folder. "
+        "does (the same model options; a checkpoint, or a frozen package to score the model you serve; resumable; "
+        "torchrun splits it), then scores the results against each image's class folder. "
         "A class folder is named as one of the model's labels (config.json's id2label) or as a label index.",
     )
-    evaluate.add_argument("--model", required=True, help="checkpoint directory (save_pretrained) or hub id")
+    evaluate.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (save_pretrained) or hub id, or a frozen package (.cvt, .pt2)",
+    )
     evaluate.add_argument("--input", required=True, help="the labelled folder: one subfolder of images per class")
     evaluate.add_argument("--output", required=True, type=Path, help="the results, one JSON line per image")
     evaluate.add_argument("--metrics", type=Path, help="also write the scores as JSON to this file")
@@ -39,16 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.evaluation import class_folders, score, write_metrics
     from . import classify, parser
 
-    if classify.is_package(args.model):
-        raise Refused(f"argument --model: {args.model} is a frozen package (.pt2); expected a checkpoint folder "
-                      "(save_pretrained) or hub id")  # fmt: skip
     if not Path(args.input).is_dir():
         raise Refused(f"argument --input: {args.input} is not a folder; expected FOLDER/<class>/<image>")
     if args.metrics is not None:  # checked now, not after the whole run
         _check_metrics(args.metrics, args.output)
     source = folder_as_written(args.input)
-    checkpoint = classify.checkpoint_folder(args.model)
-    id2label = CvtConfig.from_pretrained(checkpoint).id2label
+    if classify.is_package(args.model):
+        from ..frozen import read_package_info
+
+        id2label = read_package_info(args.model).config.id2label
+    else:
+        id2label = CvtConfig.from_pretrained(classify.checkpoint_folder(args.model)).id2label
     folders = class_folders(list_images(source).paths, source, id2label)
     # classify's own defaults under evaluate's values, so that an option classify gains is never missing here.
     defaults = vars(parser().parse_args(["classify", f"--model={args.model}"]))

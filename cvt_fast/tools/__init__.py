@@ -4,7 +4,6 @@ it over folders of images. Nothing in the model's own modules imports from here.
   contenders.py         the benchmarks' contenders by name, and the defaults per device
   models.py             the models they measure: random weights the same on every machine, transformers' twin
   reporting.py          what the benchmarks share: dtypes, the machine's description, records, tables
-  timing.py             the one timer: contenders timed in interleaved rounds, medians and spreads
   engines.py            ONNX Runtime (on either export), OpenVINO and the frozen path as contenders, built once
   benchmark.py          throughput and errors against transformers (cvt-fast bench)
   training_benchmark.py a fine-tuning step against transformers' (cvt-fast bench --train)

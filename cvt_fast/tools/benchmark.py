@@ -21,7 +21,16 @@ import torch
 
 from ..config import preset_named
 from ..errors import Refused
-from .contenders import BASELINE, ENGINES, THROUGHPUT, THROUGHPUT_CPU_DEFAULT, THROUGHPUT_GPU_DEFAULT
+from ..timing import interleaved
+from .contenders import (
+    BASELINE,
+    ENGINES,
+    FROZEN,
+    THROUGHPUT,
+    THROUGHPUT_CPU_DEFAULT,
+    THROUGHPUT_GPU_DEFAULT,
+    WITH_CVT_FAST,
+)
 from .engines import INSTALL, Engines, installed, openvino_native_bfloat16
 from .models import random_model, transformers_twin
 from .reporting import (
@@ -38,7 +47,6 @@ from .reporting import (
     write_records,
 )
 from .reporting import markdown_table as reporting_table
-from .timing import interleaved
 
 IMPLEMENTATIONS = THROUGHPUT
 
@@ -101,8 +109,8 @@ def _contender(
     name: str, model_name: str, base, dtype: torch.dtype, device: torch.device, x: torch.Tensor, engines: Engines
 ) -> Callable:
     """pixel_values -> logits, for one implementation."""
-    if name == "openvino":
-        fn = engines.openvino(model_name, transformers_twin(base).eval(), x, dtype)
+    if name == "openvino-transformers":
+        fn = engines.openvino_transformers(model_name, transformers_twin(base).eval(), x, dtype)
     elif name.startswith("transformers"):
         cast = name.endswith("-cast")
         model = transformers_twin(base).eval().to(device=device, dtype=dtype if cast else torch.float32)
@@ -114,17 +122,15 @@ def _contender(
 
         # Static shapes: compiled once for this shape, never recompiled as "dynamic" after a change of shape.
         fn = torch.compile(run, dynamic=False) if name.endswith("compile") else run
-    elif name == "onnxruntime":
-        fn = engines.onnxruntime(model_name, base)
     elif name == "onnxruntime-transformers":
         fn = engines.onnxruntime_transformers(model_name, transformers_twin(base), x)
-    elif name == "cvt_fast-frozen":
-        frozen = engines.frozen(model_name, base, x)
+    elif name in FROZEN:
+        frozen = engines.frozen(model_name, base, x, FROZEN[name])
 
         def fn(x, frozen=frozen):
             return frozen(x).logits
 
-        fn.frozen = frozen  # what it compiled, for its record
+        fn.frozen = frozen  # what it built, for its record
     else:
         model = copy.deepcopy(base).to(device=device, dtype=dtype)
         model.set_backend("eager" if name.startswith("cvt_fast-eager") else "triton")
@@ -277,12 +283,12 @@ def _applies(name: str, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a contender runs in this dtype on this device (and differs from another that does)."""
     if name == "transformers-eager-cast":
         return dtype != torch.float32  # in float32, the same as transformers-eager
-    if name.startswith("onnxruntime"):
-        return dtype == torch.float32 and device.type == "cpu"  # float32 exports, on ONNX Runtime's CPU provider
-    if name in ("cvt_fast-frozen", "openvino"):  # compiled for the CPU, in float32 or bfloat16
+    if "onnxruntime" in name:
+        return dtype == torch.float32 and device.type == "cpu"  # float32 graphs, on ONNX Runtime's CPU provider
+    if name in FROZEN or name == "openvino-transformers":  # made for the CPU, in float32 or bfloat16
         if dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu":
             return False
-    if name == "openvino" and dtype == torch.bfloat16:
+    if "openvino" in name and dtype == torch.bfloat16:
         return openvino_native_bfloat16()  # else OpenVINO would run float32 under a bfloat16 label
     return True
 
@@ -333,8 +339,8 @@ def _rule(dtype_name: str, rel_err: float, records: dict[str, Record]) -> str:
 
 
 def markdown_table(records: list[Record], baseline: str = BASELINE) -> str:
-    header = ["model", "size", "batch", "dtype", "implementation", "images/s", "spread", f"vs {baseline}", "peak MiB",
-              "max err", "rel err", "rule", "compile s"]  # fmt: skip
+    header = ["model", "size", "batch", "dtype", "group", "implementation", "images/s", "spread", f"vs {baseline}",
+              "peak MiB", "max err", "rel err", "rule", "compile s"]  # fmt: skip
     by_case: dict[tuple, dict[str, Record]] = {}
     for r in records:
         by_case.setdefault((r.model, r.image_size, r.batch, r.dtype), {})[r.implementation] = r
@@ -347,7 +353,8 @@ def markdown_table(records: list[Record], baseline: str = BASELINE) -> str:
         compile_s = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
         spread = f"{r.spread:.0%}" if r.spread is not None else "-"
         rel = f"{r.rel_err:.1e}" if r.rel_err is not None else "-"
-        rows.append((r.model, r.image_size, r.batch, r.dtype, r.implementation, speed, spread, ratio, mem,
+        group = "cvt_fast" if r.implementation in WITH_CVT_FAST else "without cvt_fast"
+        rows.append((r.model, r.image_size, r.batch, r.dtype, group, r.implementation, speed, spread, ratio, mem,
                      _error_text(r) or "-", rel, r.rule or "-", compile_s))  # fmt: skip
     return reporting_table(header, rows)
 
@@ -416,7 +423,8 @@ def run(
     ]
     progress = progress_printer(len(cases))
     records: list[Record] = []
-    engines = Engines(batches)  # an engine built for a model serves its every case
+    # What an engine builds for a model serves its every case; the frozen engines are built together, for each dtype.
+    engines = Engines(batches, [FROZEN[name] for name in implementations if name in FROZEN])
     on_record = None
     if out_dir is not None:  # every record appended the moment it is final: a run stopped midway keeps them
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -522,6 +530,8 @@ def _implementations(requested: list[str] | None, device: torch.device, notes: l
         chosen = list(THROUGHPUT_GPU_DEFAULT)
     else:  # the CPU's contenders: cvt_fast's eager path, and the engines (the Triton kernels need CUDA)
         chosen = list(THROUGHPUT_CPU_DEFAULT)
+        notes.append("note: transformers-compile is left out (a compile per batch and dtype); --implementations adds "
+                     "it")  # fmt: skip
     for engine in ENGINES:
         if engine in chosen and not installed(engine):
             if requested:
@@ -547,40 +557,37 @@ def _implementations(requested: list[str] | None, device: torch.device, notes: l
 
 
 def print_summary(records: list[Record], baseline: str = BASELINE) -> None:
-    """Per case, what a user came to learn: the fastest contender whose error is within its dtype's rule, and
-    cvt_fast's fastest against the fastest engine and the baseline; then every contender outside its rule, named."""
+    """Per case, what a user came to learn: cvt_fast's fastest contender within its dtype's error rule against the
+    fastest without cvt_fast (and the baseline); then every contender outside its rule, named."""
     print()
     cases: dict[tuple, list[Record]] = {}
     for r in records:
         cases.setdefault((r.model, r.image_size, r.batch, r.dtype), []).append(r)
     for (model, size, batch, dtype), case in cases.items():
-        correct = [r for r in case if r.images_per_s and r.rule == "pass"]
-        where = f"{model} {size}px batch {batch} {dtype}"
-        if not correct:
-            print(f"{where}: no contender was timed within its rule")
-        else:
-            best = max(correct, key=lambda r: r.images_per_s)
-            ours = [r for r in correct if r.implementation.startswith("cvt_fast")]
-            line = f"{where}: fastest within its error rule: {best.implementation}, {best.images_per_s:.1f} images/s"
-            if ours:
-                fastest_ours = max(ours, key=lambda r: r.images_per_s)
-                if fastest_ours is not best:
-                    line += f"; cvt_fast's fastest: {fastest_ours.implementation}, {fastest_ours.images_per_s:.1f}"
-                line += _against(fastest_ours, correct, baseline)
-            print(line)
+        print(f"{model} {size}px batch {batch} {dtype}: {summary_line(case, baseline)}")
         for r in case:
             if r.rule == "FAIL":
-                print(f"{where}: {r.implementation} is outside the {dtype} rule (relative error {r.rel_err:.1e})")
+                print(f"{model} {size}px batch {batch} {dtype}: {r.implementation} is outside the {dtype} rule "
+                      f"(relative error {r.rel_err:.1e})")  # fmt: skip
 
 
-def _against(r: Record, correct: list[Record], baseline: str) -> str:
-    """r's speed as a ratio to the fastest engine and to the baseline, among the contenders within their rule."""
-    engines = [e for e in correct if e.implementation in ENGINES]
+def summary_line(case: list[Record], baseline: str = BASELINE) -> str:
+    """One case: cvt_fast's fastest against the fastest without cvt_fast, each within its error rule."""
+    correct = [r for r in case if r.images_per_s and r.rule == "pass"]
+    ours = [r for r in correct if r.implementation in WITH_CVT_FAST]
+    theirs = [r for r in correct if r.implementation not in WITH_CVT_FAST]
+    if not correct:
+        return "no contender was timed within its rule"
     parts = []
-    if engines:
-        engine = max(engines, key=lambda e: e.images_per_s)
-        parts.append(f"{r.images_per_s / engine.images_per_s:.2f}x the fastest engine ({engine.implementation})")
-    base = next((b for b in correct if b.implementation == baseline), None)
-    if base is not None and base is not r:
-        parts.append(f"{r.images_per_s / base.images_per_s:.2f}x {baseline}")
-    return f" ({', '.join(parts)})" if parts else ""
+    if ours:
+        best = max(ours, key=lambda r: r.images_per_s)
+        parts.append(f"cvt_fast's fastest: {best.implementation}, {best.images_per_s:.1f} images/s")
+    if theirs:
+        other = max(theirs, key=lambda r: r.images_per_s)
+        parts.append(f"without cvt_fast: {other.implementation}, {other.images_per_s:.1f}")
+    if ours and theirs:
+        parts.append(f"{best.images_per_s / other.images_per_s:.2f}x")
+        base = next((r for r in theirs if r.implementation == baseline), None)
+        if base is not None and base is not other:
+            parts.append(f"{best.images_per_s / base.images_per_s:.2f}x {baseline}")
+    return "; ".join(parts)

@@ -1,7 +1,7 @@
-"""The inference engines the benchmarks hold cvt_fast against on the CPU: ONNX Runtime on cvt_fast's ONNX export and
-on transformers' own (as optimum exports it), and OpenVINO on transformers' model with the same weights. Each uses
-as many threads as torch does, is built once per model (Engines keeps what was built) and returns logits as a torch
-tensor."""
+"""The engines the benchmarks run: ONNX Runtime on transformers' own export (as optimum makes it) and OpenVINO on
+transformers' model with the same weights, the contenders without cvt_fast; cvt_fast's graph frozen on each engine
+(cvt_fast.frozen), and ONNX Runtime on cvt_fast's dynamic-shape export (the resolution benchmark). Each uses as many
+threads as torch does, is built once per model (Engines keeps what was built) and returns logits as a torch tensor."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingDependencyError
+from .contenders import FROZEN
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL = {
     "onnxruntime": "pip install onnx onnxscript 'onnxruntime>=1.22'",
     "onnxruntime-transformers": "pip install onnx onnxscript 'onnxruntime>=1.22' transformers",
-    "openvino": "pip install openvino (in a clone: pip install -e '.[openvino]')",
+    "openvino-transformers": "pip install openvino transformers (in a clone: pip install -e '.[openvino]')",
+    "cvt_fast-frozen-onnxruntime": "pip install onnx onnxscript 'onnxruntime>=1.22' (in a clone: pip install -e "
+    "'.[onnx]')",
+    "cvt_fast-frozen-openvino": "pip install openvino onnx onnxscript (in a clone: pip install -e '.[openvino]')",
 }
 # transformers' model through torch.onnx's TorchScript exporter, which optimum's ONNX export drives: opset 17 has
 # LayerNormalization as one node.
@@ -29,12 +33,15 @@ TRANSFORMERS_ONNX_OPSET = 17
 
 
 def installed(engine: str) -> bool:
-    """Whether an engine contender ("onnxruntime", "onnxruntime-transformers", "openvino") can run here."""
-    if engine.startswith("onnxruntime"):
-        packages = ONNX_PACKAGES + (("transformers",) if engine == "onnxruntime-transformers" else ())
-    else:
-        packages = ("openvino", "transformers")
-    return all(importlib.util.find_spec(name) is not None for name in packages)
+    """Whether a contender that needs more than torch (INSTALL's names) can run here."""
+    needs = {
+        "onnxruntime": ONNX_PACKAGES,
+        "onnxruntime-transformers": (*ONNX_PACKAGES, "transformers"),
+        "openvino-transformers": ("openvino", "transformers"),
+        "cvt_fast-frozen-onnxruntime": ONNX_PACKAGES,
+        "cvt_fast-frozen-openvino": ("openvino", "onnx", "onnxscript"),
+    }[engine]
+    return all(importlib.util.find_spec(name) is not None for name in needs)
 
 
 def openvino_native_bfloat16() -> bool:
@@ -45,14 +52,12 @@ def openvino_native_bfloat16() -> bool:
 
 
 def onnxruntime_session(path: str | Path):
-    """ONNX Runtime's CPU provider on `path`, with torch's thread count, graph optimisations on (the default), and
-    no spinning: its threads would otherwise spin after each run on the cores the next contender needs."""
-    import onnxruntime
+    """ONNX Runtime's CPU provider on `path`, configured as cvt_fast's frozen packages configure it (torch's thread
+    count, ONNX Runtime's defaults otherwise), so that both exports run alike. Its threads spin briefly after a run;
+    the interleaved timer does not count the first call after another contender's, which that spin could slow."""
+    from ..frozen.engines.onnxruntime import session
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session(Path(path))
 
 
 def export_transformers_onnx(transformers_model: torch.nn.Module, path: Path, image_shape: tuple[int, ...]) -> None:
@@ -70,32 +75,40 @@ def export_transformers_onnx(transformers_model: torch.nn.Module, path: Path, im
 
 
 class Engines:
-    """What each compiled contender built, by model name: ONNX Runtime sessions (the exports have a dynamic batch, so
-    one serves every case of a model), OpenVINO models (reshaped and compiled per case), and cvt_fast's frozen
-    packages (one per model, image size and dtype: for the batch when the run has one, else for any batch up to the
-    run's largest, so that a run of several batches pays one compile, not one per batch)."""
+    """What each built contender costs to make, made once and kept, by model name: ONNX Runtime sessions (the exports
+    have a dynamic batch, so one serves every case of a model), OpenVINO models (reshaped and compiled per case), and
+    cvt_fast's graph frozen on every engine asked for at once (cvt_fast.frozen.freeze_each: one set of traces), per
+    model, image size and dtype: for the batch when the run has one, else for any batch up to the run's largest, so
+    that a run of several batches pays one build, not one per batch."""
 
-    def __init__(self, batches: list[int] | None = None):
+    def __init__(self, batches: list[int] | None = None, frozen_engines: list[str] | None = None):
         self._onnx_sessions: dict[tuple, object] = {}
         self._openvino_models: dict[str, object] = {}
-        self._frozen: dict[tuple, object] = {}
+        self._frozen: dict[tuple, dict] = {}
         self._batches = sorted(set(batches or []))
+        self._frozen_engines = list(frozen_engines or FROZEN.values())
 
-    def frozen(self, model_name: str, base, x: torch.Tensor):
-        """cvt_fast.freeze of `base` for x's image size and dtype (see the class)."""
-        from ..frozen import freeze
+    def frozen(self, model_name: str, base, x: torch.Tensor, engine: str):
+        """cvt_fast.freeze of `base` on `engine` for x's image size and dtype (see the class); the reason, raised,
+        where the engine could not freeze it."""
+        from ..frozen import FrozenCvt, freeze_each
 
         several = len(self._batches) > 1 and x.shape[0] in self._batches
         batch_size = self._batches[-1] if several else x.shape[0]
         key = (model_name, tuple(x.shape[1:]), x.dtype, batch_size, several)
-        if key not in self._frozen:
-            self._frozen[key] = freeze(
-                base, batch_size=batch_size, image_size=tuple(x.shape[-2:]), dtype=x.dtype, dynamic_batch=several
-            )
-        return self._frozen[key]
+        if key not in self._frozen:  # every engine of the run at once (one that cannot take the dtype is skipped)
+            self._frozen[key] = freeze_each(
+                base, self._frozen_engines, batch_size=batch_size, image_size=tuple(x.shape[-2:]), dtype=x.dtype,
+                dynamic_batch=several, autotune=False, processor=None,
+            )  # fmt: skip
+        result = self._frozen[key].get(engine)
+        if not isinstance(result, FrozenCvt):
+            raise RuntimeError(result.describe() if result is not None else f"{engine}: not built")
+        return result
 
     def onnxruntime(self, model_name: str, base) -> Callable[[torch.Tensor], torch.Tensor]:
-        """ONNX Runtime on cvt_fast's float32 export of `base` (fused attention nodes)."""
+        """ONNX Runtime on cvt_fast's float32 export of `base` with dynamic batch, height and width (fused attention
+        nodes): the resolution benchmark's."""
         from ..export import export_onnx
 
         def export(path: Path) -> None:
@@ -125,14 +138,14 @@ class Engines:
         session = self._onnx_sessions[key]
         return lambda x: torch.from_numpy(session.run(None, {"pixel_values": x.float().numpy()})[0])
 
-    def openvino(
+    def openvino_transformers(
         self, model_name: str, transformers_model, x: torch.Tensor, dtype: torch.dtype
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """OpenVINO (CPU plugin, latency hint) on transformers' float32 model, its shape fixed to x's; bfloat16 through
         OpenVINO's inference precision (its autocast), only where the CPU computes it natively. The precision is
         always given: left to itself, OpenVINO runs bfloat16 on a CPU that has it even when float32 was meant."""
-        if not installed("openvino"):
-            raise MissingDependencyError(f"openvino needs openvino and transformers: {INSTALL['openvino']}")
+        if not installed("openvino-transformers"):
+            raise MissingDependencyError(f"needs openvino and transformers: {INSTALL['openvino-transformers']}")
         import openvino
 
         if dtype not in (torch.float32, torch.bfloat16):

@@ -2,7 +2,7 @@
 cvt_fast against transformers' model with the same weights, with the step's peak memory beside its speed and the
 gradients of one step (dropout and stochastic depth off) against transformers' beside both (see _grad_error);
 each contender's error is against float64, so transformers' own error is the scale of cvt_fast's.
-The contenders run interleaved in short blocks (tools/timing.py), on either device; medians."""
+The contenders run interleaved in short blocks (cvt_fast/timing.py), on either device; medians."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..timing import interleaved
 from .models import random_model, transformers_twin
 from .reporting import DTYPES, device_name, markdown_table, versions, write_records
-from .timing import interleaved
 
 IMPLEMENTATIONS = ("transformers", "cvt_fast")
 

@@ -177,18 +177,29 @@ def _load(options: Options, device: torch.device, err):
 
 def _compile(options: Options, err):
     """The checkpoint frozen for this CPU, at the preprocessed size and the batch size of the run."""
-    from ...frozen import freeze_checkpoint
-    from ...modeling import CvtForImageClassification
-
-    size = options.processor.size
     if not options.processor.do_resize:
         raise Refused("argument --compile: the preprocessing keeps each image's own size (do_resize false), but a "
                       "compiled model takes one size")  # fmt: skip
+    size = options.processor.size
+    return freeze_for_run(options.checkpoint, options.batch_size, (size, size), options.dtype, err)
+
+
+def freeze_for_run(checkpoint: Path, batch_size: int, image_size: tuple[int, int], dtype, err):
+    """`classify --compile`: the checkpoint frozen for this CPU on its fastest engine, what that cost and found said on
+    `err`, and how to keep it for the next run rather than freeze again."""
+    from ...frozen import freeze_checkpoint
+    from ...modeling import CvtForImageClassification
+
     frozen = freeze_checkpoint(
-        options.checkpoint, batch_size=options.batch_size, image_size=size, dtype=options.dtype,
+        checkpoint, batch_size=batch_size, image_size=image_size, dtype=dtype or "float32",
         model_class=CvtForImageClassification, say=lambda line: print(line, file=err, flush=True),
     )  # fmt: skip
-    print(f"compiled in {frozen.info.compile_s:.0f} s", file=err, flush=True)
+    for trial in frozen.info.trials:
+        print(f"  {trial.describe()}", file=err)
+    dtype_option = "" if frozen.dtype == torch.float32 else " --dtype bfloat16"
+    print(f"frozen in {frozen.info.compile_s:.0f} s; to keep it rather than freeze again next time: cvt-fast export "
+          f"--model {checkpoint} --output MODEL.cvt --batch-size {batch_size} --image-size {image_size[0]} "
+          f"{image_size[1]}{dtype_option}, then classify --model MODEL.cvt", file=err, flush=True)  # fmt: skip
     return frozen
 
 

@@ -1,0 +1,101 @@
+"""OpenVINO: cvt_fast's float32 ONNX graph converted to OpenVINO's model (each attention one
+ScaledDotProductAttention, BatchNorm folded, GELU one node), its batch bounded by the package's, saved as OpenVINO
+IR with float32 weights, and compiled at load for this CPU with the latency hint and the precision given: "f32", or
+"bf16" (OpenVINO's own bfloat16 inference over float32 weights) where the CPU computes bfloat16 natively. The
+precision is always given: left to itself, OpenVINO runs bfloat16 on a CPU that has it even when float32 was meant.
+
+Compiled for one static batch size at a time: the package's at load, a smaller one on its first call (about half a
+second for cvt-13 on 2 cores), since OpenVINO ran cvt-13 9% to 18% slower compiled for a range of batch sizes
+(bench/results/NOTES.md). Any batch up to the package's therefore runs as it is, never padded."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ...cpu_target import CpuTarget
+from ..record import FrozenInfo
+
+NAME = "openvino"
+INSTALL = "pip install openvino onnx onnxscript (the openvino extra)"
+ARTIFACT = "model.xml"  # and model.bin beside it
+WEIGHTS = "model.bin"
+FILES = (ARTIFACT, WEIGHTS)
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # the CPU flags OpenVINO's bfloat16 kernels need
+ALWAYS_DYNAMIC_BATCH = True  # each batch size compiled on its first call
+
+
+def version() -> str | None:
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing() -> str | None:
+    """What freezing on it needs and this Python lacks (the graph comes from cvt_fast's ONNX export)."""
+    absent = [name for name in ("openvino", "onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    return f"{', '.join(absent)} not installed ({INSTALL})" if absent else None
+
+
+def refuses(dtype: torch.dtype, here: CpuTarget) -> str | None:
+    return cannot_compute(dtype, here)
+
+
+def cannot_run(info: FrozenInfo, here: CpuTarget) -> str | None:
+    return cannot_compute(info.dtype, here)
+
+
+def cannot_compute(dtype: torch.dtype, here: CpuTarget) -> str | None:
+    if dtype == torch.bfloat16 and not any(flag in here.flags for flag in NATIVE_BFLOAT16_FLAGS):
+        return "OpenVINO computes bfloat16 only on a CPU with AVX-512 BF16 or AMX, and would run float32 here"
+    return None
+
+
+def build(graphs, info: FrozenInfo, folder: Path) -> dict[str, Path]:
+    import openvino
+
+    onnx_file = folder / "graph.onnx"
+    graphs.write_onnx(onnx_file)
+    model = openvino.convert_model(str(onnx_file))
+    onnx_file.unlink()
+    batch, channels, height, width = info.input_shape
+    model.reshape({model.inputs[0]: [openvino.Dimension(1, batch), channels, height, width]})
+    for output, name in zip(model.outputs, info.outputs, strict=True):
+        output.get_tensor().set_names({name})
+    openvino.save_model(model, str(folder / ARTIFACT), compress_to_fp16=False)  # float32 weights, as validated
+    return {ARTIFACT: folder / ARTIFACT, WEIGHTS: folder / WEIGHTS}
+
+
+def load(files: dict[str, Path], info: FrozenInfo):
+    import openvino
+
+    core = openvino.Core()
+    model = core.read_model(str(files[ARTIFACT]), str(files[WEIGHTS]))
+    config = {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": "bf16" if info.dtype == torch.bfloat16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    requests = {}  # batch size -> (compiled model, infer request)
+
+    def request_for(batch: int):
+        if batch not in requests:
+            fixed = model.clone()
+            fixed.reshape({fixed.inputs[0]: [batch, *info.input_shape[1:]]})
+            compiled = core.compile_model(fixed, "CPU", config)
+            requests[batch] = compiled, compiled.create_infer_request()
+        return requests[batch]
+
+    request_for(info.input_shape[0])
+    dtype = info.dtype
+
+    def run(pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        compiled, request = request_for(len(pixel_values))
+        results = request.infer({0: pixel_values.float().numpy()})
+        return [torch.from_numpy(results[output].copy()).to(dtype) for output in compiled.outputs]
+
+    return run
