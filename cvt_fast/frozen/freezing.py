@@ -10,6 +10,7 @@ and the fastest correct one kept, with every engine's figures in its info.trials
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from ..timing import interleaved
 from .engines import NAMES, engine
 from .graph import Graphs
 from .record import DTYPES, FrozenInfo, Trial, dtype_name
-from .snapshot import FrozenCvt
+from .snapshot import FrozenCvt, OwnedFolder
 
 ENGINE_CHOICES = ("auto", *NAMES)
 FASTEST = "fastest"  # the dtype argument that picks bfloat16 where this CPU computes it natively, else float32
@@ -107,29 +108,27 @@ def freeze(
     built, trials = _build_each(plan, names, explicit=engine != "auto", say=say)
     if not built:
         raise FreezeError("no engine could freeze this model: " + "; ".join(t.describe() for t in trials))
-    if len(built) > 1:
-        _time(built, say)
-    chosen_trial, chosen = max(built, key=lambda pair: pair[0].images_per_s or 0.0)
-    for trial, _ in built:
-        trial.status = "chosen" if trial is chosen_trial else "slower"
+    _, chosen = _fastest(built, say)
     chosen.info.trials = trials
     chosen.info.compile_s = time.perf_counter() - start
     return chosen
 
 
 def freeze_each(model: nn.Module, engines: list[str], **options) -> dict[str, FrozenCvt | Trial]:
-    """Each engine of `engines` built and checked as freeze does, from one set of traces, none timed: {engine:
-    FrozenCvt, or the Trial that says why it was skipped or failed}. Each FrozenCvt's info.compile_s is its own
-    build (the shared ONNX export counted in the first engine that needed it)."""
+    """Each engine of `engines` built and checked as freeze does, from one set of traces: {engine: FrozenCvt, or the
+    Trial that says why it was skipped or failed}. An engine run more than one way (settings_to_try) keeps its
+    fastest; engines are not timed against each other. Each FrozenCvt's info.compile_s is its own build (the shared
+    ONNX export counted in the first engine that needed it)."""
     for name in engines:
         _engines_asked(name)
     say = options.pop("say", None)
     plan = _plan(model, **options)
     built, trials = _build_each(plan, list(dict.fromkeys(engines)), explicit=False, say=say)
     result: dict[str, FrozenCvt | Trial] = {trial.engine: trial for trial in trials}
-    for trial, frozen in built:
-        trial.status = "chosen"
-        result[trial.engine] = frozen
+    for name in dict.fromkeys(trial.engine for trial, _ in built):
+        _, frozen = _fastest([pair for pair in built if pair[0].engine == name], say)
+        frozen.info.trials = [trial for trial in trials if trial.engine == name]
+        result[name] = frozen
     return result
 
 
@@ -311,39 +310,53 @@ def _build_each(plan: _Plan, names: list[str], explicit: bool, say) -> tuple[lis
         graphs = Graphs(snapshot, plan.outputs, example, plan.dynamic_batch, scratch)
         for module in usable:
             say(f"freezing on {module.NAME} for {plan.info(module, here).describe_shape()} on this CPU")
-            trial, frozen = _build(module, plan, here, graphs, example, references, explicit)
-            trials.append(trial)
-            if frozen is not None:
-                built.append((trial, frozen))
+            for trial, frozen in _build(module, plan, here, graphs, example, references, explicit):
+                trials.append(trial)
+                if frozen is not None:
+                    built.append((trial, frozen))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return built, trials
 
 
 def _build(module, plan: _Plan, here: CpuTarget, graphs: Graphs, example, references, explicit: bool):
-    """(trial, FrozenCvt or None) for one engine."""
+    """[(trial, FrozenCvt or None)] for one engine: built once, then run each way it offers (settings_to_try), each
+    checked against float64."""
     start = time.perf_counter()
-    folder = Path(tempfile.mkdtemp(prefix=f"cvt_fast_frozen_{module.NAME}_"))
+    folder = OwnedFolder(Path(tempfile.mkdtemp(prefix=f"cvt_fast_frozen_{module.NAME}_")))
     info = plan.info(module, here)
     try:
-        files = module.build(graphs, info, folder)
-        frozen = FrozenCvt(module.load(files, info), info, files, owned_folder=folder)
-        errors = _check(frozen, example, references)
+        files = module.build(graphs, info, folder.path)
     except Exception as error:
-        shutil.rmtree(folder, ignore_errors=True)
-        if explicit and isinstance(error, FreezeError):
-            raise
-        reason = str(error) if isinstance(error, FreezeError) else f"{type(error).__name__}: {one_line(error)}"
-        if explicit:
-            raise FreezeError(f"{module.NAME} could not freeze this model ({reason})") from error
-        return Trial(module.NAME, "failed", reason, build_s=time.perf_counter() - start), None
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+        return [_failed(module.NAME, {}, error, start, explicit)]
     build_s = time.perf_counter() - start
-    trial = Trial(module.NAME, "built", build_s=build_s, errors=errors)
-    frozen.info.compile_s, frozen.info.validation, frozen.info.trials = build_s, errors, [trial]
-    return trial, frozen
+    results, failures = [], []
+    for settings in getattr(module, "settings_to_try", lambda info: [{}])(info):
+        loading = time.perf_counter()
+        variant = dataclasses.replace(info, settings=settings)
+        try:
+            frozen = FrozenCvt(module.load(files, variant), variant, files, folder)
+            errors = _check(frozen, example, references)
+        except Exception as error:
+            failures.append((settings, error))
+            continue
+        seconds = build_s + time.perf_counter() - loading
+        trial = Trial(module.NAME, "built", settings=settings, build_s=seconds, errors=errors)
+        frozen.info.compile_s, frozen.info.validation, frozen.info.trials = seconds, errors, [trial]
+        results.append((trial, frozen))
+    if failures and not results and explicit:  # the engine named failed every way: say why
+        _failed(module.NAME, *failures[0], start, explicit)
+    return results + [_failed(module.NAME, settings, error, start, False) for settings, error in failures]
+
+
+def _failed(name: str, settings: dict, error: Exception, start: float, explicit: bool) -> tuple[Trial, None]:
+    """The trial of an engine that failed to build or to pass its check; raised instead when it was named."""
+    if explicit and isinstance(error, FreezeError):
+        raise error
+    reason = str(error) if isinstance(error, FreezeError) else f"{type(error).__name__}: {one_line(error)}"
+    if explicit:
+        raise FreezeError(f"{name} could not freeze this model ({reason})") from error
+    return Trial(name, "failed", reason, settings=settings, build_s=time.perf_counter() - start), None
 
 
 def _references(snapshot: nn.Module, example: torch.Tensor) -> tuple[tuple, tuple]:
@@ -377,17 +390,26 @@ def _check(frozen: FrozenCvt, example: torch.Tensor, references) -> dict[str, fl
 
 
 def _time(built: list[tuple[Trial, FrozenCvt]], say) -> None:
-    """Each engine's images/s on the example batch, in interleaved rounds (drift hits every engine alike)."""
+    """Each candidate's images/s on the example batch, in interleaved rounds (drift hits every one alike)."""
     if say is not None:
-        say(f"timing {', '.join(trial.engine for trial, _ in built)} on this CPU ({torch.get_num_threads()} threads)")
-    frozen_models = {trial.engine: frozen for trial, frozen in built}
-    batch = next(iter(frozen_models.values())).batch_size
-    example = torch.randn(next(iter(frozen_models.values())).info.input_shape).to(built[0][1].dtype)
+        say(f"timing {', '.join(trial.name for trial, _ in built)} on this CPU ({torch.get_num_threads()} threads)")
+    first = built[0][1]
+    example = torch.randn(first.info.input_shape).to(first.dtype)
     with torch.inference_mode():
-        timings = interleaved({name: lambda r, f=f: f(example) for name, f in frozen_models.items()}, TIMING_ROUNDS)
+        timings = interleaved({trial.name: lambda r, f=f: f(example) for trial, f in built}, TIMING_ROUNDS)
     for trial, _ in built:
-        timing = timings[trial.engine]
-        trial.images_per_s, trial.spread = batch / timing.seconds, timing.spread
+        timing = timings[trial.name]
+        trial.images_per_s, trial.spread = first.batch_size / timing.seconds, timing.spread
+
+
+def _fastest(built: list[tuple[Trial, FrozenCvt]], say) -> tuple[Trial, FrozenCvt]:
+    """The fastest of the candidates (timed when there is more than one), each trial marked chosen or slower."""
+    if len(built) > 1:
+        _time(built, say)
+    chosen = max(built, key=lambda pair: pair[0].images_per_s or 0.0)
+    for trial, _ in built:
+        trial.status = "chosen" if trial is chosen[0] else "slower"
+    return chosen
 
 
 __all__ = ["ENGINE_CHOICES", "FASTEST", "FreezeError", "freeze", "freeze_checkpoint", "freeze_each"]

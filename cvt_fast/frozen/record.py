@@ -30,18 +30,26 @@ class Trial:
     images_per_s: float | None = None  # median of interleaved rounds, at the package's batch size
     spread: float | None = None  # (slowest - fastest) / median of the rounds' means: the timing's own noise
     errors: dict[str, float] = field(default_factory=dict)  # each output's error against float64, relative
+    settings: dict = field(default_factory=dict)  # how the engine was run (FrozenInfo.settings)
+
+    @property
+    def name(self) -> str:
+        """The engine, and how it was run where it was tried more than one way."""
+        if self.settings.get("streams", 1) > 1:
+            return f"{self.engine} ({self.settings['streams']} streams)"
+        return self.engine
 
     def describe(self) -> str:
         """One line, as the command line prints it."""
         if self.status == "skipped":
-            return f"{self.engine}: skipped ({self.reason})"
+            return f"{self.name}: skipped ({self.reason})"
         if self.status == "failed":
-            return f"{self.engine}: failed ({self.reason})"
+            return f"{self.name}: failed ({self.reason})"
         errors = ", ".join(f"{name} {error:.1e}" for name, error in self.errors.items())
         speed = f"{self.images_per_s:.1f} images/s" if self.images_per_s is not None else "not timed"
         spread = f" ±{self.spread / 2:.0%}" if self.spread is not None else ""
         built = f", built in {self.build_s:.0f} s" if self.build_s is not None else ""
-        return f"{self.engine}: {speed}{spread}, error against float64 {errors}{built}" + (
+        return f"{self.name}: {speed}{spread}, error against float64 {errors}{built}" + (
             " <- chosen" if self.status == "chosen" else ""
         )
 
@@ -61,6 +69,7 @@ class FrozenInfo:
     engine: str = "inductor"  # "inductor" (AOTInductor), "onnxruntime" or "openvino"
     engine_version: str | None = None  # the engine's own version (torch's for inductor)
     threads: int | None = None  # the threads it was timed with
+    settings: dict = field(default_factory=dict)  # how the engine runs it, as freezing measured best: {"streams": n}
     autotune: bool = False  # inductor: its GEMM templates timed against oneDNN's
     dynamic_batch: bool = False  # any batch up to input_shape[0] runs as it is (else smaller ones are padded)
     processor: dict | None = None  # the image processor's settings: whoever loads it preprocesses as the checkpoint
@@ -76,6 +85,7 @@ class FrozenInfo:
             "input_shape": list(self.input_shape), "dtype": dtype_name(self.dtype), "config": self.config.to_dict(),
             "target": self.target.as_dict(), "torch": self.torch_version, "cvt_fast": self.cvt_fast_version,
             "engine": self.engine, "engine_version": self.engine_version, "threads": self.threads,
+            "settings": self.settings,
             "autotune": self.autotune, "dynamic_batch": self.dynamic_batch, "processor": self.processor,
             "processor_source": self.processor_source,
         })  # fmt: skip
@@ -100,6 +110,7 @@ class FrozenInfo:
             engine=data.get("engine", "inductor"),
             engine_version=data.get("engine_version") or data["torch"],
             threads=data.get("threads"),
+            settings=dict(data.get("settings") or {}),
             autotune=bool(data.get("autotune", False)),
             dynamic_batch=bool(data.get("dynamic_batch", False)),
             processor=data.get("processor"),

@@ -20,6 +20,15 @@ from .package import check_runnable, is_cvt_archive, read_package_info, unpack, 
 from .record import FrozenInfo, dtype_name
 
 
+class OwnedFolder:
+    """A temporary folder, deleted once nothing holds it: a FrozenCvt, or the several that one engine's files serve
+    (each way of running them that freezing tries)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cleanup = weakref.finalize(self, shutil.rmtree, path, True)
+
+
 class FrozenCvt:
     """A CvT frozen for one input shape and dtype on this CPU class, run by one engine (info.engine: "inductor",
     "onnxruntime" or "openvino"; see cvt_fast.frozen).
@@ -33,12 +42,11 @@ class FrozenCvt:
     A snapshot: edits to the model after freezing do not reach it; freeze again to take them. Inference only: no
     gradients flow through it, and it has no .train(), .to() or parameters."""
 
-    def __init__(self, runner, info: FrozenInfo, files: dict[str, Path], owned_folder: Path | None = None):
+    def __init__(self, runner, info: FrozenInfo, files: dict[str, Path], folder: OwnedFolder | None = None):
         self._runner = runner  # pixel_values -> list of output tensors
         self.info = info
         self._files = files  # the engine's artifact: {name in a package: file}
-        if owned_folder is not None:  # where the files were made or unpacked, deleted with this object
-            self._cleanup = weakref.finalize(self, shutil.rmtree, owned_folder, True)
+        self._folder = folder  # where the files were made or unpacked, kept while this object lives
 
     # ---- what it is ---------------------------------------------------------------------------------------------
 
@@ -75,7 +83,9 @@ class FrozenCvt:
     def __repr__(self) -> str:
         info = self.info
         return (
-            f"FrozenCvt({info.model_class}, {info.describe_shape()}, {info.engine} {info.engine_version}, built for "
+            f"FrozenCvt({info.model_class}, {info.describe_shape()}, {info.engine} {info.engine_version}"
+            f"{' with ' + str(info.settings['streams']) + ' streams' if info.settings.get('streams', 1) > 1 else ''}, "
+            "built for "
             f"{info.target.describe()}; a snapshot: edits to the model after freezing do not reach it)"
         )
 
@@ -142,10 +152,6 @@ def load_frozen(path: str | os.PathLike) -> FrozenCvt:
     if not is_cvt_archive(path):  # a bare .pt2: the runner reads the archive itself
         files = {module.ARTIFACT: path}
         return FrozenCvt(module.load(files, info), info, files)
-    folder = Path(tempfile.mkdtemp(prefix="cvt_fast_frozen_"))
-    try:
-        files = unpack(path, module.FILES, folder)
-        return FrozenCvt(module.load(files, info), info, files, owned_folder=folder)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    folder = OwnedFolder(Path(tempfile.mkdtemp(prefix="cvt_fast_frozen_")))
+    files = unpack(path, module.FILES, folder.path)
+    return FrozenCvt(module.load(files, info), info, files, folder)

@@ -70,32 +70,67 @@ def build(graphs, info: FrozenInfo, folder: Path) -> dict[str, Path]:
     return {ARTIFACT: folder / ARTIFACT, WEIGHTS: folder / WEIGHTS}
 
 
+def settings_to_try(info: FrozenInfo) -> list[dict]:
+    """The ways to run it that freezing times against each other: one stream on all of torch's threads (the latency
+    hint); and, for batches of two or more, the batch split across streams of one thread each (OpenVINO's
+    throughput mode), which keeps each thread on its own images instead of meeting the others at every operation."""
+    threads, batch = torch.get_num_threads(), info.input_shape[0]
+    return [{}] + ([{"streams": min(threads, batch)}] if threads >= 2 and batch >= 2 else [])
+
+
+def describe_settings(settings: dict) -> str:
+    streams = settings.get("streams", 1)
+    return f"{streams} streams of {max(1, torch.get_num_threads() // streams)} thread(s)" if streams > 1 else ""
+
+
 def load(files: dict[str, Path], info: FrozenInfo):
     import openvino
 
-    core = openvino.Core()
-    model = core.read_model(str(files[ARTIFACT]), str(files[WEIGHTS]))
-    config = {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "INFERENCE_PRECISION_HINT": "bf16" if info.dtype == torch.bfloat16 else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    requests = {}  # batch size -> (compiled model, infer request)
+    return _Runner(openvino.Core(), str(files[ARTIFACT]), str(files[WEIGHTS]), info)
 
-    def request_for(batch: int):
-        if batch not in requests:
-            fixed = model.clone()
-            fixed.reshape({fixed.inputs[0]: [batch, *info.input_shape[1:]]})
-            compiled = core.compile_model(fixed, "CPU", config)
-            requests[batch] = compiled, compiled.create_infer_request()
-        return requests[batch]
 
-    request_for(info.input_shape[0])
-    dtype = info.dtype
+class _Runner:
+    """The model compiled for one static batch size at a time (see the module): pixel_values -> list of outputs. With
+    streams, a batch of at least as many images is split into that many equal chunks (the last padded), run at once."""
 
-    def run(pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        compiled, request = request_for(len(pixel_values))
-        results = request.infer({0: pixel_values.float().numpy()})
-        return [torch.from_numpy(results[output].copy()).to(dtype) for output in compiled.outputs]
+    def __init__(self, core, model_file: str, weights_file: str, info: FrozenInfo):
+        self._core = core
+        self._model = core.read_model(model_file, weights_file)
+        self._info = info
+        self._streams = info.settings.get("streams", 1)
+        self._compiled: dict[int, tuple] = {}  # batch size -> (compiled model, infer requests, images per request)
+        self._compiled_for(info.input_shape[0])
 
-    return run
+    def _compiled_for(self, batch: int) -> tuple:
+        if batch not in self._compiled:
+            streams = self._streams if batch >= self._streams else 1
+            chunk = -(-batch // streams)
+            config = {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": "bf16" if self._info.dtype == torch.bfloat16 else "f32",
+            }
+            config.update({"NUM_STREAMS": streams} if streams > 1 else {"PERFORMANCE_HINT": "LATENCY"})
+            fixed = self._model.clone()
+            fixed.reshape({fixed.inputs[0]: [chunk, *self._info.input_shape[1:]]})
+            compiled = self._core.compile_model(fixed, "CPU", config)
+            self._compiled[batch] = compiled, [compiled.create_infer_request() for _ in range(streams)], chunk
+        return self._compiled[batch]
+
+    def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        count = len(pixel_values)
+        compiled, requests, chunk = self._compiled_for(count)
+        x = pixel_values.float()
+        if len(requests) == 1:
+            results = [requests[0].infer({0: x.numpy()})]
+        else:
+            padded = torch.cat((x, x.new_zeros(chunk * len(requests) - count, *x.shape[1:])))
+            for request, part in zip(requests, padded.split(chunk), strict=True):
+                request.start_async({0: part.numpy()})
+            for request in requests:
+                request.wait()
+            results = [request.results for request in requests]
+        dtype = self._info.dtype
+        return [
+            torch.cat([torch.from_numpy(result[output].copy()) for result in results])[:count].to(dtype)
+            for output in compiled.outputs
+        ]
