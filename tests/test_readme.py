@@ -46,6 +46,34 @@ def test_the_quick_start_runs_on_a_folder_saved_by_transformers(tmp_path):
     assert "has no preprocessor_config.json; using CvT's default preprocessing" in result.stderr
 
 
+def cpu_snippet_code() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quick start", 1)[1].split("On a CPU, for serving", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_cpu_snippet_runs_after_the_quick_start(tmp_path):
+    """The README's serving snippet, run after the quick start as a reader would: a package on the fastest engine
+    here, in the dtype this CPU runs fastest, that loads back and gives the frozen model's logits."""
+    from PIL import Image
+
+    config = transformers.CvtConfig(depth=[1, 2, 3], embed_dim=[16, 24, 32], num_heads=[1, 2, 2], num_labels=3)
+    torch.manual_seed(0)
+    transformers.CvtForImageClassification(config).eval().save_pretrained(tmp_path / "checkpoint")
+    Image.new("RGB", (300, 400), (120, 30, 200)).save(tmp_path / "image.jpg")
+    code = quick_start_code().replace('"path/to/checkpoint"', repr(str(tmp_path / "checkpoint")))
+    code += cpu_snippet_code()
+    code += "print(cvt_fast.load_frozen('cvt.cvt')(inputs.pixel_values.to(frozen.dtype)).logits.equal(logits))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[1].startswith("FrozenCvt(CvtForImageClassification, pixel_values (") and lines[-1] == "True"
+    from cvt_fast.ops.cpu_linear import cpu_has_native_bfloat16
+
+    assert ("bfloat16" if cpu_has_native_bfloat16() else "float32") in lines[1]
+
+
 def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

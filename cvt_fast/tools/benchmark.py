@@ -317,8 +317,10 @@ def _prepared(name, model_name, base, dtype, device, x, engines) -> tuple[Callab
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - allocated_before
     note = "the float32 reference" if name == "transformers-eager" and dtype == torch.float32 else None
-    if frozen is not None and frozen.info.dynamic_batch:
-        note = f"one package for batches 1 to {frozen.batch_size}"
+    if frozen is not None:
+        streams = frozen.info.settings.get("streams", 1)
+        shared = f"one package for batches 1 to {frozen.batch_size}" if frozen.info.dynamic_batch else None
+        note = ", ".join(part for part in (shared, f"{streams} streams" if streams > 1 else None) if part) or None
     if not torch.isfinite(logits).all():
         logits = torch.full_like(logits, float("nan"))  # the error is then NaN, whatever the finite logits say
     return fn, dict(logits=logits, peak_mem_bytes=peak, note=note, compile_s=compile_s)
@@ -460,12 +462,12 @@ def run(
 def _contender_line(r: Record) -> str:
     """One contender of a case: speed and its spread between rounds, error and its rule, compile time apart."""
     if not r.images_per_s:
-        return f"{r.implementation:<24} error: {r.error}" if r.error else f"{r.implementation:<24} -"
+        return f"{r.implementation:<28} error: {r.error}" if r.error else f"{r.implementation:<28} -"
     spread = f" ±{r.spread / 2:.0%}" if r.spread is not None else ""
     rule = f" [{r.rule}]" if r.rule else ""
     compile_s = f"  (compile {r.compile_s:.1f} s)" if r.compile_s is not None else ""
     speed = f"{r.images_per_s:8.1f} images/s{spread:<5}"
-    return f"{r.implementation:<24} {speed}  {_error_text(r, 'max err ')}{rule}{compile_s}"
+    return f"{r.implementation:<28} {speed}  {_error_text(r, 'max err ')}{rule}{compile_s}"
 
 
 # ---- what a run measures ------------------------------------------------------------------------------------
