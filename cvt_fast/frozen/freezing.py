@@ -114,15 +114,26 @@ def freeze(
     return chosen
 
 
-def freeze_each(model: nn.Module, engines: list[str], **options) -> dict[str, FrozenCvt | Trial]:
-    """Each engine of `engines` built and checked as freeze does, from one set of traces: {engine: FrozenCvt, or the
-    Trial that says why it was skipped or failed}. An engine run more than one way (settings_to_try) keeps its
-    fastest; engines are not timed against each other. Each FrozenCvt's info.compile_s is its own build (the shared
-    ONNX export counted in the first engine that needed it)."""
-    for name in engines:
-        _engines_asked(name)
-    say = options.pop("say", None)
-    plan = _plan(model, **options)
+def freeze_each(
+    model: nn.Module,
+    engines: list[str],
+    *,
+    batch_size: int = 1,
+    image_size: int | tuple[int, int] = 224,
+    dtype: torch.dtype | str | None = None,
+    autotune: bool = False,
+    dynamic_batch: bool = False,
+    processor: CvtImageProcessor | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, FrozenCvt | Trial]:
+    """Each engine of `engines` built and checked as freeze does (the other arguments are freeze's), from one set of
+    traces: {engine: FrozenCvt, or the Trial that says why it was skipped or failed}. An engine run more than one way
+    (settings_to_try) keeps its fastest; engines are not timed against each other. Each FrozenCvt's info.compile_s is
+    its own build (the shared ONNX export counted in the first engine that needed it)."""
+    unknown = [name for name in engines if name not in NAMES]
+    if unknown:
+        raise InputError(f"engines must be some of {', '.join(map(repr, NAMES))}, got {', '.join(map(repr, unknown))}")
+    plan = _plan(model, batch_size, image_size, dtype, dynamic_batch, autotune, processor)
     built, trials = _build_each(plan, list(dict.fromkeys(engines)), explicit=False, say=say)
     result: dict[str, FrozenCvt | Trial] = {trial.engine: trial for trial in trials}
     for name in dict.fromkeys(trial.engine for trial, _ in built):
@@ -307,7 +318,7 @@ def _build_each(plan: _Plan, names: list[str], explicit: bool, say) -> tuple[lis
     references = _references(snapshot, example)
     scratch = Path(tempfile.mkdtemp(prefix="cvt_fast_freeze_"))
     try:
-        graphs = Graphs(snapshot, plan.outputs, example, plan.dynamic_batch, scratch)
+        graphs = Graphs(plan.model, snapshot, plan.outputs, example, plan.dynamic_batch, scratch)
         for module in usable:
             say(f"freezing on {module.NAME} for {plan.info(module, here).describe_shape()} on this CPU")
             for trial, frozen in _build(module, plan, here, graphs, example, references, explicit):
@@ -316,6 +327,7 @@ def _build_each(plan: _Plan, names: list[str], explicit: bool, say) -> tuple[lis
                     built.append((trial, frozen))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    trials.sort(key=lambda trial: names.index(trial.engine))  # in the engines' order, skipped ones among them
     return built, trials
 
 

@@ -46,11 +46,14 @@ def quiet() -> Iterator[None]:
 
 
 class Graphs:
-    """The traces of one freeze (see the module). `snapshot`: the model copied, in the frozen dtype, on the eager
-    path; `example`: pixel_values of the frozen shape and dtype; `scratch`: a folder for the ONNX file."""
+    """The traces of one freeze (see the module). `model`: the model as the caller holds it (the float32 graph is
+    made from a float32 copy of it, so that a bfloat16 freeze's graph keeps the weights unrounded); `snapshot`: a
+    copy in the frozen dtype on the eager path; `example`: pixel_values of the frozen shape and dtype; `scratch`: a
+    folder for the ONNX file."""
 
-    def __init__(self, snapshot: nn.Module, names: list[str], example: torch.Tensor, dynamic_batch: bool,
-                 scratch: Path):  # fmt: skip
+    def __init__(self, model: nn.Module, snapshot: nn.Module, names: list[str], example: torch.Tensor,
+                 dynamic_batch: bool, scratch: Path):  # fmt: skip
+        self.model = model
         self.snapshot = snapshot
         self.names = names
         self.example = example
@@ -76,9 +79,8 @@ class Graphs:
 
         from ..export import onnx_model
 
-        model = self.snapshot
-        if model.dtype != torch.float32:
-            model = copy.deepcopy(model).float()
+        model = self.snapshot if self.snapshot.dtype == torch.float32 else copy.deepcopy(self.model).float().eval()
+        model.set_backend("eager")
         config = model.config
         _, channels, height, width = self.example.shape
         # An example of two images: torch.export would take a batch of one for a constant.

@@ -36,8 +36,8 @@ class FrozenCvt:
     Call it like the model it was frozen from: `frozen(pixel_values)` returns the same output type (logits; or the
     last hidden state and cls token), for pixel_values of the frozen dtype, channels, height and width, and a batch of
     at most `batch_size` images (a smaller batch runs padded to `batch_size`, the same answers at the cost of a full
-    batch, unless it was frozen with dynamic_batch or runs on ONNX Runtime). Anything else is refused with the frozen
-    shape named.
+    batch, on inductor frozen without dynamic_batch; ONNX Runtime and OpenVINO run it as it is). Anything else is
+    refused with the frozen shape named.
 
     A snapshot: edits to the model after freezing do not reach it; freeze again to take them. Inference only: no
     gradients flow through it, and it has no .train(), .to() or parameters."""

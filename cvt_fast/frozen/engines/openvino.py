@@ -1,8 +1,10 @@
 """OpenVINO: cvt_fast's float32 ONNX graph converted to OpenVINO's model (each attention one
 ScaledDotProductAttention, BatchNorm folded, GELU one node), its batch bounded by the package's, saved as OpenVINO
-IR with float32 weights, and compiled at load for this CPU with the latency hint and the precision given: "f32", or
-"bf16" (OpenVINO's own bfloat16 inference over float32 weights) where the CPU computes bfloat16 natively. The
-precision is always given: left to itself, OpenVINO runs bfloat16 on a CPU that has it even when float32 was meant.
+IR with float32 weights, and compiled at load for this CPU with the precision given: "f32", or "bf16" (OpenVINO's own
+bfloat16 inference over float32 weights) where the CPU computes bfloat16 natively. The precision is always given:
+left to itself, OpenVINO runs bfloat16 on a CPU that has it even when float32 was meant. It runs with the latency
+hint, or with the batch split across streams of one thread each, whichever freezing measured faster
+(settings_to_try; the package records which).
 
 Compiled for one static batch size at a time: the package's at load, a smaller one on its first call (about half a
 second for cvt-13 on 2 cores), since OpenVINO ran cvt-13 9% to 18% slower compiled for a range of batch sizes
