@@ -32,7 +32,8 @@ GRAPH_ENGINES = ["onnxruntime", "openvino"]  # the engines that build in seconds
 
 
 def needs(name):
-    reason = engine(name).missing()
+    """Skip where the engine is not installed, or cannot run float32 in this process (OpenVINO under a oneDNN cap)."""
+    reason = engine(name).missing() or engine(name).refuses(torch.float32, this_cpu())
     return pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")
 
 
@@ -51,6 +52,7 @@ def frozen_on(pair):
             made[name] = cvt_fast.freeze(pair[0], batch_size=BATCH, image_size=(HEIGHT, WIDTH), engine=name)
         return made[name]
 
+    get.model = pair[1]
     return get
 
 
@@ -271,6 +273,31 @@ def test_a_bfloat16_openvino_package_needs_a_cpu_with_native_bfloat16(pair, tmp_
     with pytest.raises(package.PackageMismatchError, match="cannot run on this CPU: OpenVINO computes bfloat16 only"):
         cvt_fast.load_frozen(claimed)
     cvt_fast.load_frozen(path)  # its float32 original runs there
+
+
+@needs("openvino")
+def test_openvino_is_kept_out_of_a_process_whose_onednn_is_capped_below_the_cpu(frozen_on, tmp_path, monkeypatch):
+    """OpenVINO crashed (a segmentation fault) under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU: such a process skips
+    it when freezing and refuses its packages, before any of it loads. Written for an AVX-512 CPU, on any CPU."""
+    path = frozen_on("openvino").save(tmp_path / "ov.cvt")
+    here = this_cpu()
+    avx512 = type(here)(here.machine, "AVX512", tuple(sorted({*here.flags, "avx512f"})), False, "an AVX-512 CPU")
+    monkeypatch.setattr(package, "this_cpu", lambda: avx512)
+    monkeypatch.setattr(freezing, "this_cpu", lambda: avx512)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    loaded = []
+    monkeypatch.setattr(engine("openvino"), "load", lambda files, info: loaded.append(files))
+    with pytest.raises(package.PackageMismatchError, match="ONEDNN_MAX_CPU_ISA=AVX2 on a CPU with AVX-512"):
+        cvt_fast.load_frozen(path)
+    with pytest.raises(InputError, match="engine 'openvino': ONEDNN_MAX_CPU_ISA=AVX2"):
+        cvt_fast.freeze(frozen_on.model, image_size=(HEIGHT, WIDTH), engine="openvino")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # AVX-512 kept: float32 runs, bfloat16 is refused
+    assert engine("openvino").cannot_compute(torch.float32, avx512) is None
+    bf16 = type(here)(here.machine, "AVX512", tuple(sorted({*avx512.flags, "avx512_bf16"})), True, "cpu")
+    assert "which ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps from it" in engine("openvino").cannot_compute(
+        torch.bfloat16, bf16
+    )
+    assert not loaded
 
 
 @needs("onnxruntime")

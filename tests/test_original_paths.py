@@ -92,10 +92,12 @@ def test_the_onnx_export(checkpoint, expected, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["inductor", "onnxruntime", "openvino"])
 def test_the_frozen_cpu_package(checkpoint, expected, tmp_path, engine):
+    from cvt_fast.cpu_target import this_cpu
     from cvt_fast.frozen.engines import engine as engine_module
 
-    if engine_module(engine).missing():
-        pytest.skip(engine_module(engine).missing())
+    reason = engine_module(engine).missing() or engine_module(engine).refuses(torch.float32, this_cpu())
+    if reason:
+        pytest.skip(reason)
     _, path = checkpoint
     x, truth, gelu_err = expected
     model = CvtForImageClassification.from_original(path, spec=SMALL_SPEC)

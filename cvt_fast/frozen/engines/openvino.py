@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,12 @@ ARTIFACT = "model.xml"  # and model.bin beside it
 WEIGHTS = "model.bin"
 FILES = (ARTIFACT, WEIGHTS)
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # the CPU flags OpenVINO's bfloat16 kernels need
+# OpenVINO's CPU plugin reads oneDNN's ISA cap too: under a cap of AVX2 or below on an AVX-512 CPU, OpenVINO 2026.4.1
+# died of a segmentation fault running cvt-13 in float32 (and refused bfloat16's Softmax), where no Python can catch
+# it. So under such a cap it is not used; under a cap without AVX-512 BF16, not in bfloat16.
+ISA_CAP_VAR = "ONEDNN_MAX_CPU_ISA"
+CAPS_WITHOUT_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+CAPS_WITHOUT_BFLOAT16 = (*CAPS_WITHOUT_AVX512, "AVX512_CORE", "AVX512_CORE_VNNI")
 ALWAYS_DYNAMIC_BATCH = True  # each batch size compiled on its first call
 
 
@@ -52,8 +59,15 @@ def cannot_run(info: FrozenInfo, here: CpuTarget) -> str | None:
 
 
 def cannot_compute(dtype: torch.dtype, here: CpuTarget) -> str | None:
+    """Why OpenVINO cannot run this dtype in this process on this CPU (see ISA_CAP_VAR), or None."""
+    cap = os.environ.get(ISA_CAP_VAR, "").strip().upper()
+    if cap in CAPS_WITHOUT_AVX512 and "avx512f" in here.flags:
+        return (f"{ISA_CAP_VAR}={cap} on a CPU with AVX-512: OpenVINO crashed under such a cap (a segmentation "
+                "fault, OpenVINO 2026.4.1), so it is not used")  # fmt: skip
     if dtype == torch.bfloat16 and not any(flag in here.flags for flag in NATIVE_BFLOAT16_FLAGS):
         return "OpenVINO computes bfloat16 only on a CPU with AVX-512 BF16 or AMX, and would run float32 here"
+    if dtype == torch.bfloat16 and cap in CAPS_WITHOUT_BFLOAT16:
+        return f"OpenVINO's bfloat16 needs AVX-512 BF16 or AMX, which {ISA_CAP_VAR}={cap} keeps from it"
     return None
 
 
