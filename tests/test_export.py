@@ -159,6 +159,11 @@ def test_cpu_benchmark_runs_the_compiled_path_and_the_engines(tmp_path, monkeypa
     from cvt_fast.tools.engines import Engines
 
     pytest.importorskip("openvino")
+    from cvt_fast.cpu_target import this_cpu
+    from cvt_fast.frozen.engines import openvino
+
+    if openvino.cannot_compute(torch.float32, this_cpu()):
+        pytest.skip(openvino.cannot_compute(torch.float32, this_cpu()))
     exports = []
     real_onnx_model = export.onnx_model
     monkeypatch.setattr(export, "onnx_model", lambda *a, **k: exports.append(1) or real_onnx_model(*a, **k))

@@ -288,8 +288,14 @@ def _applies(name: str, dtype: torch.dtype, device: torch.device) -> bool:
     if name in FROZEN or name == "openvino-transformers":  # made for the CPU, in float32 or bfloat16
         if dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu":
             return False
-    if "openvino" in name and dtype == torch.bfloat16:
-        return openvino_native_bfloat16()  # else OpenVINO would run float32 under a bfloat16 label
+    if "openvino" in name:
+        from ..cpu_target import this_cpu
+        from ..frozen.engines import openvino as openvino_engine
+
+        if openvino_engine.cannot_compute(dtype, this_cpu()) is not None:  # a oneDNN cap OpenVINO crashed under, say
+            return False
+        if dtype == torch.bfloat16:
+            return openvino_native_bfloat16()  # else OpenVINO would run float32 under a bfloat16 label
     return True
 
 
