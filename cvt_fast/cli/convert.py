@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     )
     convert.add_argument("--checkpoint", required=True, type=Path, help="the original .pth file")
     convert.add_argument(
-        "--spec", required=True, help="its YAML spec (experiments/.../cvt-13-224x224.yaml) or a preset: "
-        "cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24, cvt-w24-384",
+        "--spec", required=True, help="its YAML spec (in microsoft/CvT: experiments/imagenet/cvt/cvt-13-224x224.yaml "
+        "and its siblings) or a preset: cvt-13, cvt-13-384, cvt-21, cvt-21-384, cvt-w24, cvt-w24-384",
     )  # fmt: skip
     convert.add_argument("--output", required=True, type=Path, help="the folder to write (new, or empty)")
     convert.add_argument(
