@@ -150,6 +150,32 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return data
 
 
+# A transformers checkpoint's keys (CvtForImageClassification's or CvtModel's), told apart from the original's.
+TRANSFORMERS_PREFIXES = ("cvt.encoder.", "encoder.stages.", "classifier.", "layernorm.")
+
+
+def _check_spec_shape(checkpoint, state: dict[str, torch.Tensor], config) -> None:
+    """The spec's DEPTH and DIM_EMBED against what the checkpoint holds, stage by stage: a checkpoint with another
+    spec (cvt-21's with cvt-13's, say) is refused by name rather than by a list of keys."""
+    stages = sorted({int(m.group(1)) for k in state if (m := re.match(r"stage(\d+)\.", k))})
+    depth = tuple(
+        1 + max((int(m.group(1)) for k in state if (m := re.match(rf"stage{s}\.blocks\.(\d+)\.", k))), default=-1)
+        for s in stages
+    )
+    widths = tuple(
+        int(state[f"stage{s}.patch_embed.proj.weight"].shape[0]) if f"stage{s}.patch_embed.proj.weight" in state
+        else None for s in stages
+    )  # fmt: skip
+    spec_depth = tuple(config.depth[: config.num_stages])
+    spec_widths = tuple(config.embed_dim[: config.num_stages])
+    if depth != spec_depth:
+        raise CheckpointError(f"{checkpoint}: the spec's DEPTH {spec_depth} does not match the checkpoint's {depth}; "
+                              "give the spec it was trained with")  # fmt: skip
+    if None not in widths and widths != spec_widths:
+        raise CheckpointError(f"{checkpoint}: the spec's DIM_EMBED {spec_widths} does not match the checkpoint's "
+                              f"{widths}; give the spec it was trained with")  # fmt: skip
+
+
 _STAGE = "cvt.encoder.stages.{s}"
 _LAYER = _STAGE + ".layers.{j}"
 # (original, cvt_fast) key templates: {s} a stage, {j} a layer, {w} the parameter or buffer name.
@@ -215,6 +241,11 @@ def load_original(model_class, checkpoint: str | os.PathLike, spec, **kwargs: An
     mapped = {original_key(k): v for k, v in state.items()}  # in CvtForImageClassification's names
     unknown = [k for k in state if original_key(k) is None]
     if len(unknown) == len(state):
+        if state and all(k.startswith(TRANSFORMERS_PREFIXES) for k in state):
+            raise CheckpointError(
+                f"{checkpoint}: already a transformers CvT checkpoint (its keys are transformers' names, "
+                f"{_listing(list(state), 2)}): load its folder with from_pretrained, no conversion needed"
+            )
         raise CheckpointError(
             f"{checkpoint}: not an original CvT checkpoint: none of its {len(state)} keys is in microsoft/CvT's "
             f"layout (stage0.patch_embed.proj.weight, ...); it has {_listing(list(state), 4)}"
@@ -224,6 +255,7 @@ def load_original(model_class, checkpoint: str | os.PathLike, spec, **kwargs: An
     if not any(k.startswith("stage") for k in state):  # adapt_prefix would take norm and head alone for a backbone's
         raise CheckpointError(f"{checkpoint} lacks what the spec needs: every stage; it has only "
                               f"{_listing(list(state))}")  # fmt: skip
+    _check_spec_shape(checkpoint, state, config)
     model = model_class(config, backend=backend)
     mapped = adapt_prefix(mapped, model)  # a backbone (CvtModel): its keys lack the prefix, and it has no norm or head
     missing, extra, wrong = compare_keys(model, mapped)

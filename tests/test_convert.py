@@ -76,8 +76,8 @@ def test_refusals_are_one_line_with_status_2_and_write_nothing(original, tmp_pat
          f"cvt-fast convert: {tmp_path / 'resnet.pth'}: not an original CvT checkpoint: none of its 1 keys is in "
          "microsoft/CvT's layout (stage0.patch_embed.proj.weight, ...); it has conv1.weight"),
         (["--checkpoint", root / "final_state.pth", "--spec", "cvt-13"],
-         f"cvt-fast convert: {root / 'final_state.pth'} does not fit the spec: stage0.patch_embed.proj.weight is "
-         "(16, 3, 7, 7), the spec makes it (64, 3, 7, 7)"),
+         f"cvt-fast convert: {root / 'final_state.pth'}: the spec's DEPTH (1, 2, 10) does not match the checkpoint's "
+         "(1, 2, 3); give the spec it was trained with"),
         (["--checkpoint", tmp_path / "missing.pth", "--spec", "cvt-13"],
          f"cvt-fast convert: argument --checkpoint: {tmp_path / 'missing.pth'} is not a file; expected an original "
          "CvT .pth"),

@@ -174,13 +174,16 @@ def edited(state, remove=(), add=None):
         (lambda s: edited(s, remove=["stage2.blocks.2.mlp.fc2.bias"]),
          "lacks what the spec needs: stage2.blocks.2.mlp.fc2.bias"),
         (lambda s: edited(s, add={"stage2.blocks.3.norm1.weight": torch.ones(48)}),
-         "has what the spec has no place for: stage2.blocks.3.norm1.weight"),
+         "the spec's DEPTH (1, 2, 3) does not match the checkpoint's (1, 2, 4); give the spec it was trained with"),
+        (lambda s: edited(s, add={"stage2.blocks.2.attn.extra.weight": torch.ones(48)}),
+         "keys outside the original CvT's layout: stage2.blocks.2.attn.extra.weight"),
         (lambda s: edited(s, add={"stage1.blocks.0.attn.proj_q.weight": torch.ones(16, 16)}),
          "stage1.blocks.0.attn.proj_q.weight is (16, 16), the spec makes it (32, 32)"),
         (lambda s: {k: v for k, v in s.items() if k.startswith(("norm.", "head."))},
          "lacks what the spec needs: every stage; it has only norm.weight, norm.bias, head.weight, head.bias"),
     ],
-    ids=["another architecture", "an unknown key", "a missing key", "an extra layer", "a wrong shape", "no stage"],
+    ids=["another architecture", "an unknown key", "a missing key", "an extra layer", "an unknown key in a layer",
+         "a wrong shape", "no stage"],
 )  # fmt: skip
 @pytest.mark.parametrize("model_class", [CvtForImageClassification, CvtModel])
 def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(original, tmp_path, damage, message, model_class):
@@ -189,6 +192,21 @@ def test_a_checkpoint_that_does_not_fit_is_refused_naming_the_key(original, tmp_
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model_class.from_original(tmp_path / "bad.pth", spec=SMALL_SPEC)
+
+
+def test_a_transformers_checkpoint_or_another_spec_is_named_as_such(original, tmp_path):
+    reference, _ = original
+    cvt_fast_keys = CvtForImageClassification(config_from_spec(SMALL_SPEC)).state_dict()
+    torch.save(cvt_fast_keys, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="already a transformers CvT checkpoint .*load its folder with "
+                                              "from_pretrained, no conversion needed"):  # fmt: skip
+        CvtForImageClassification.from_original(tmp_path / "pytorch_model.bin", spec=SMALL_SPEC)
+    torch.save(reference.state_dict(), tmp_path / "small.pth")
+    with pytest.raises(CheckpointError, match=r"the spec's DIM_EMBED \(64, 192, 384\) does not match the "
+                                              r"checkpoint's \(16, 32, 48\)"):  # fmt: skip
+        CvtForImageClassification.from_original(
+            tmp_path / "small.pth", spec={**SMALL_SPEC, "DIM_EMBED": [64, 192, 384]}
+        )
 
 
 @pytest.mark.parametrize(
