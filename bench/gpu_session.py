@@ -100,17 +100,13 @@ def session_config(rehearse: bool):
     return config
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def stage_parity(out: Path, rehearse: bool) -> None:
     """cvt_fast (backend "triton", and "eager" for scale) against transformers' float32 model on the same device:
     logits and every stage's hidden state, held to the kernels' accuracy rule: the kernels' error at most twice the
     eager path's in the same dtype plus a floor (2e-5 float32, 1e-2 bfloat16)."""
     import cvt_fast
     from cvt_fast.testing import float32_without_tf32
+    from cvt_fast.testing import relative_error as rel_err
     from cvt_fast.tools.models import random_model, transformers_twin
 
     float32_without_tf32()  # transformers' float32 reference in float32, not in cuDNN's default TF32

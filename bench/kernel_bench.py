@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cvt_fast import ops
+from cvt_fast.testing import relative_error as rel_err
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -105,10 +106,11 @@ class Session:
 
 
 def versions(device: str) -> dict:
-    import triton
+    """The device and the versions every benchmark records (cvt_fast.tools.reporting), CUDA's among them."""
+    from cvt_fast.tools.reporting import versions as library_versions
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter: rehearsal)"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    return {"device": name, **library_versions(), "cuda": torch.version.cuda}
 
 
 def copy_bandwidth() -> float:
@@ -128,10 +130,6 @@ def matmul_rate() -> float:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
     return 2 * 8192**3 / (ms * 1e-3)
-
-
-def rel_err(actual, expected) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
 def short_error(error: Exception) -> str:

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import ops
 from .errors import MissingDependencyError
+from .testing import relative_error
 
 OPSET = 23
 ATTENTION_FORMS = {
@@ -155,8 +156,7 @@ def _validate(path: Path, traced: _Traced, inputs: list[torch.Tensor]) -> list[t
             if actual.shape != expected.shape:
                 raise ExportError(f"ONNX Runtime returned {tuple(actual.shape)} for {tuple(x.shape)}, expected "
                                   f"{tuple(expected.shape)}")  # fmt: skip
-            error = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-            results.append((tuple(x.shape), error))
+            results.append((tuple(x.shape), relative_error(actual, expected)))
     return results
 
 

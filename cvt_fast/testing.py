@@ -1,9 +1,17 @@
-"""Random weights for tests and benchmarks: never time or test on a default initialisation, whose BatchNorm is the
-identity and whose zero biases hide a wrong broadcast. And float32 that is float32 for accuracy checks on a GPU."""
+"""What tests, benchmarks and every check of a result against a reference share: random weights (never time or test
+on a default initialisation, whose BatchNorm is the identity and whose zero biases hide a wrong broadcast); the one
+relative error every numerics rule is stated in; and float32 that is float32 for accuracy checks on a GPU."""
 
 from __future__ import annotations
 
 import torch
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference relative to the largest magnitude of `expected`, in float64 (an elementwise
+    relative error is meaningless next to zero). NaN where `actual` has a NaN."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 @torch.no_grad()

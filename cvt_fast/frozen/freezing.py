@@ -26,6 +26,7 @@ from ..checks import check_image_size
 from ..cpu_target import CpuTarget, this_cpu
 from ..errors import InputError, InputTypeError, MissingDependencyError, one_line
 from ..image_processing import PREPROCESSOR_NAME, CvtImageProcessor
+from ..testing import relative_error
 from ..timing import interleaved
 from .engines import NAMES, engine
 from .graph import Graphs
@@ -389,9 +390,8 @@ def _check(frozen: FrozenCvt, example: torch.Tensor, references) -> dict[str, fl
         got = frozen(example).to_tuple()
     errors: dict[str, float] = {}
     for name, output, same_dtype, reference in zip(frozen.info.outputs, got, eager, exact, strict=True):
-        scale = reference.abs().max().clamp_min(1e-30)
-        error = ((output[:count].double() - reference).abs().max() / scale).item()
-        allowed = 2 * ((same_dtype.double() - reference).abs().max() / scale).item() + VALIDATION_FLOOR[frozen.dtype]
+        error = relative_error(output[:count], reference)
+        allowed = 2 * relative_error(same_dtype, reference) + VALIDATION_FLOOR[frozen.dtype]
         if not torch.isfinite(output).all() or not error <= allowed:
             raise FreezeError(
                 f"{frozen.engine}'s {name} is {error:.1e} from float64 (relative), over the {allowed:.1e} allowed "

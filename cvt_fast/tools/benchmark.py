@@ -39,6 +39,7 @@ from .reporting import (
     cpu_description,
     cpu_native_bfloat16,
     device_name,
+    markdown_table,
     progress_printer,
     pyplot,
     quiet_transformers,
@@ -46,7 +47,6 @@ from .reporting import (
     versions,
     write_records,
 )
-from .reporting import markdown_table as reporting_table
 
 IMPLEMENTATIONS = THROUGHPUT
 
@@ -346,7 +346,8 @@ def _rule(dtype_name: str, rel_err: float, records: dict[str, Record]) -> str:
 # ---- reporting ----------------------------------------------------------------------------------------------
 
 
-def markdown_table(records: list[Record], baseline: str = BASELINE) -> str:
+def records_table(records: list[Record], baseline: str = BASELINE) -> str:
+    """bench.md: a row per record, its speed against the baseline of its case."""
     header = ["model", "size", "batch", "dtype", "group", "implementation", "images/s", "spread", f"vs {baseline}",
               "peak MiB", "max err", "rel err", "rule", "compile s"]  # fmt: skip
     by_case: dict[tuple, dict[str, Record]] = {}
@@ -364,7 +365,7 @@ def markdown_table(records: list[Record], baseline: str = BASELINE) -> str:
         group = "cvt_fast" if r.implementation in WITH_CVT_FAST else "without cvt_fast"
         rows.append((r.model, r.image_size, r.batch, r.dtype, group, r.implementation, speed, spread, ratio, mem,
                      _error_text(r) or "-", rel, r.rule or "-", compile_s))  # fmt: skip
-    return reporting_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _error_text(r: Record, prefix: str = "") -> str:
@@ -399,7 +400,7 @@ def plot(records: list[Record], path: Path) -> bool:
 
 def write_results(records: list[Record], out_dir: Path) -> list[Path]:
     """bench.json, bench.md and (with matplotlib) bench.png in out_dir; the paths written."""
-    written = write_records(out_dir, "bench", records, markdown_table(records), lambda path: plot(records, path))
+    written = write_records(out_dir, "bench", records, records_table(records), lambda path: plot(records, path))
     if (out_dir / "bench.jsonl").exists():  # written record by record while the run went on
         written.insert(0, out_dir / "bench.jsonl")
     return written

@@ -11,14 +11,7 @@ import torch
 import cvt_fast
 from cvt_fast.ops import conv_output_size
 from cvt_fast.testing import randomize_
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of the expected tensor (an elementwise
-    relative error is meaningless next to zero)."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual - expected).abs().max() / scale).item()
+from cvt_fast.testing import relative_error as rel_err  # noqa: F401  (the tests' short name for it)
 
 
 def random_config_kwargs(seed: int, stages: int | None = None, **overrides) -> dict:
