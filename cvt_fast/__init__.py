@@ -10,6 +10,7 @@ torch's import.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -44,73 +45,18 @@ _EXPORTS = {
     "unpatch": ".patching",
 }
 
-__all__ = [
-    "BackboneOutput",
-    "BaseModelOutputWithCLSToken",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "CheckpointWriteError",
-    "ConfigError",
-    "CvtBackbone",
-    "CvtConfig",
-    "CvtForImageClassification",
-    "CvtModel",
-    "CvtPreTrainedModel",
-    "FreezeError",
-    "FrozenCvt",
-    "ImageClassifierOutputWithNoAttention",
-    "InputError",
-    "KernelUnavailableError",
-    "PRESETS",
-    "PackageMismatchError",
-    "freeze",
-    "from_transformers",
-    "kernel_paths",
-    "load_frozen",
-    "patch",
-    "preset",
-    "unpatch",
-    "UserError",
-]
+__all__ = sorted(_EXPORTS)  # the names above, and only those (the TYPE_CHECKING imports below repeat them for
+# type checkers and editors, which cannot follow __getattr__; a test holds the two to the same names)
 
 
-# Modules reachable as attributes (`cvt_fast.ops.fold_conv_bn(...)` without importing cvt_fast.ops first).
-_SUBMODULES = (
-    "backbone",
-    "checkpointing",
-    "checks",
-    "cli",
-    "config",
-    "cpu_target",
-    "errors",
-    "export",
-    "files",
-    "frozen",
-    "hub",
-    "image_processing",
-    "integrations",
-    "kernels",
-    "loading",
-    "modeling",
-    "original",
-    "ops",
-    "outputs",
-    "patching",
-    "testing",
-    "timing",
-    "tools",
-)
-# The tools moved into cvt_fast.tools; their old attribute names still lead there.
-_MOVED = {
-    name: f"tools.{name}"
-    for name in ("benchmark", "contenders", "dataset_inference", "engines", "reporting", "resolution",
-                 "training_benchmark")
-}  # fmt: skip
+# Modules reachable as attributes (`cvt_fast.ops.fold_conv_bn(...)` without importing cvt_fast.ops first): every
+# module of this folder, and the kernels, which ship as cvt_fast.kernels from a folder of their own.
+_SUBMODULES = frozenset(module.name for module in pkgutil.iter_modules(__path__)) - {"__main__"} | {"kernels"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES or name in _MOVED:
-        return importlib.import_module(f".{_MOVED.get(name, name)}", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module 'cvt_fast' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -500,6 +500,14 @@ def test_every_module_is_reachable_from_the_package():
     modules |= {p.parent.name for p in package.glob("*/__init__.py")}  # subpackages (cli, ops, tools)
     assert set(cvt_fast._SUBMODULES) == modules | {"kernels"}
     assert sorted(cvt_fast.__all__) == sorted(cvt_fast._EXPORTS)
+    # The names imported for type checkers are the same names, from the same modules.
+    import ast
+
+    tree = ast.parse((package / "__init__.py").read_text())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") ==
+                   "TYPE_CHECKING")  # fmt: skip
+    imported = {alias.name: "." + node.module for node in guarded.body for alias in node.names}
+    assert imported == cvt_fast._EXPORTS
 
 
 def test_classify_form_errors_answer_without_importing_torch():

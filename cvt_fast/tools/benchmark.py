@@ -1,6 +1,6 @@
 """Throughput benchmark (`cvt-fast bench`): cvt_fast against transformers and the engines, every speed printed
 beside its error. Each case (model, image size, batch, dtype) builds one random-weight model (BatchNorm statistics
-randomised too) and gives the same weights and inputs to every contender (cvt_fast.contenders names them). The
+randomised too) and gives the same weights and inputs to every contender (cvt_fast.tools.contenders names them). The
 reference is the float32 eager model (transformers' when it can run the config, else cvt_fast's); ref64_err is the
 reference's own distance from float64. On CUDA, times are medians of triton.testing.do_bench; on the CPU the
 contenders run interleaved, round after round, and the median is taken.
