@@ -28,6 +28,7 @@ from ..errors import InputError, InputTypeError, MissingDependencyError, one_lin
 from ..image_processing import PREPROCESSOR_NAME, CvtImageProcessor
 from ..testing import relative_error
 from ..timing import interleaved
+from ..version import __version__
 from .engines import NAMES, engine
 from .graph import Graphs
 from .record import DTYPES, FrozenInfo, Trial, dtype_name
@@ -60,8 +61,6 @@ class _Plan:
     processor_source: str | None
 
     def info(self, module, target: CpuTarget) -> FrozenInfo:
-        from .. import __version__
-
         return FrozenInfo(
             model_class=type(self.model).__name__, outputs=self.outputs, input_shape=self.input_shape,
             dtype=self.dtype, config=self.model.config.copy(), target=target, torch_version=torch.__version__,
