@@ -113,24 +113,19 @@ def test_top5_is_not_scored_for_a_model_of_fewer_than_5_labels(tmp_path, capsys)
         (folder, counts[folder][2], None) for folder in folders]  # fmt: skip
 
 
-def test_evaluate_gives_classify_every_option_classify_has(labelled, tmp_path, monkeypatch):
-    """An option classify gains reaches it with its default, and evaluate's own options with their values."""
-    from cvt_fast.cli import classify
+def test_evaluate_classifies_the_folder_as_classify_input_does(labelled, tmp_path, monkeypatch):
+    """evaluate runs the folder through the same code as `classify --input ... --top-k 5`, with its own options'
+    values, and scores nothing after a run that failed."""
+    from cvt_fast.cli import model_source
 
-    add_parser, seen = classify.add_parser, {}
-
-    def with_a_new_option(sub):
-        add_parser(sub)
-        sub.choices["classify"].add_argument("--new-option", default="its default")
-
-    monkeypatch.setattr(classify, "add_parser", with_a_new_option)
-    monkeypatch.setattr(classify, "run", lambda args: seen.update(vars(args)) or 1)
+    seen = {}
+    monkeypatch.setattr(model_source, "classify_folder", lambda args, package: seen.update(vars(args), package=package)
+                        or 1)  # fmt: skip
     status = cli.main(["evaluate", "--model", str(labelled / "ckpt"), "--input", str(labelled / "data"), "--output",
                        str(tmp_path / "results.jsonl"), "--batch-size", "3", "--dtype", "bfloat16"])  # fmt: skip
-    assert status == 1  # classify's status, and no scoring after it
-    assert seen["new_option"] == "its default"
-    names = ("images", "top_k", "compile", "batch_size", "dtype")
-    assert [seen[name] for name in names] == [[], 5, False, 3, "bfloat16"]
+    assert status == 1  # the run's status, and no scoring after it
+    names = ("top_k", "compile", "batch_size", "dtype", "package")
+    assert [seen[name] for name in names] == [5, False, 3, "bfloat16", False]
     assert (seen["model"], seen["input"], seen["output"]) == (str(labelled / "ckpt"), str(labelled / "data"),
                                                             tmp_path / "results.jsonl")  # fmt: skip
 

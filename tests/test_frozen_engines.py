@@ -356,9 +356,9 @@ def test_a_package_records_its_checkpoint_s_preprocessing_however_it_was_made(pa
 
 
 def test_the_command_line_knows_the_library_s_engines_and_packages():
-    from cvt_fast.cli import classify, export
+    from cvt_fast.cli import export, model_source
 
-    assert export.ENGINES == freezing.ENGINE_CHOICES and classify.PACKAGE_SUFFIXES == package.SUFFIXES
+    assert export.ENGINES == freezing.ENGINE_CHOICES and model_source.PACKAGE_SUFFIXES == package.SUFFIXES
 
 
 # ---- the command line ---------------------------------------------------------------------------------------

@@ -41,23 +41,23 @@ def run(args: argparse.Namespace) -> int:
     from ..config import CvtConfig
     from ..tools.dataset_inference import folder_as_written, list_images
     from ..tools.evaluation import class_folders, score, write_metrics
-    from . import classify, parser
+    from . import model_source
 
     if not Path(args.input).is_dir():
         raise Refused(f"argument --input: {args.input} is not a folder; expected FOLDER/<class>/<image>")
     if args.metrics is not None:  # checked now, not after the whole run
         _check_metrics(args.metrics, args.output)
     source = folder_as_written(args.input)
-    if classify.is_package(args.model):
+    run = argparse.Namespace(**vars(args), top_k=5, compile=False)  # classified as `classify --input --top-k 5`
+    package = model_source.check(run)
+    if package:
         from ..frozen import read_package_info
 
         id2label = read_package_info(args.model).config.id2label
     else:
-        id2label = CvtConfig.from_pretrained(classify.checkpoint_folder(args.model)).id2label
+        id2label = CvtConfig.from_pretrained(model_source.checkpoint_folder(args.model)).id2label
     folders = class_folders(list_images(source).paths, source, id2label)
-    # classify's own defaults under evaluate's values, so that an option classify gains is never missing here.
-    defaults = vars(parser().parse_args(["classify", f"--model={args.model}"]))
-    status = classify.run(argparse.Namespace(**{**defaults, **vars(args), "images": [], "top_k": 5, "compile": False}))
+    status = model_source.classify_folder(run, package)
     if status != 0 or not first_rank():
         return status
     evaluation = score(args.output, source, folders, len(id2label))
