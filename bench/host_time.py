@@ -1,6 +1,7 @@
 """Host time of one CvT forward at batch 1: what Python and PyTorch's dispatcher cost before any arithmetic.
 
-Two figures per backend, on this CPU:
+Two figures per backend, and for transformers' own CvtForImageClassification with the same weights (the baseline),
+on this CPU:
   host   the model's layers, heads and strides with every width divided by --narrow (4: head size 16) on a 32 px
          image (grids 8x8, 4x4, 2x2): the same calls in the same order as the real model, each on a few hundred
          numbers, so what remains is host time: Python, the decisions cvt_fast takes, PyTorch's dispatcher. On a
@@ -23,7 +24,7 @@ import torch
 
 import cvt_fast
 from cvt_fast.timing import BLOCK, interleaved
-from cvt_fast.tools.models import random_model
+from cvt_fast.tools.models import random_model, transformers_twin
 
 BACKENDS = ("auto", "eager")
 
@@ -49,12 +50,16 @@ def main() -> None:
     for name, case_config, size, repeats in cases:
         x = torch.randn(1, config.num_channels, size, size)
         models = {backend: random_model(case_config, backend=backend) for backend in BACKENDS}
+        models["transformers"] = transformers_twin(models["eager"]).eval()
         rounds = max(repeats // (BLOCK - 1), 2)  # each round counts BLOCK - 1 calls of each backend
         with torch.inference_mode():
             timings = interleaved({b: lambda r, model=model, x=x: model(x) for b, model in models.items()}, rounds)
+        baseline = timings["transformers"].seconds
         for backend, timing in timings.items():
-            print(f"  backend {backend:5s} {name} ({size} px): {timing.seconds * 1e3:8.3f} ms per forward "
-                  f"(median of {len(timing.samples)}, rounds apart by {timing.spread:.0%})")  # fmt: skip
+            who = "transformers" if backend == "transformers" else f"backend {backend}"
+            print(f"  {who:13s} {name} ({size} px): {timing.seconds * 1e3:8.3f} ms per forward, "
+                  f"{timing.seconds / baseline:.2f}x transformers' (median of {len(timing.samples)}, rounds apart by "
+                  f"{timing.spread:.0%})")  # fmt: skip
 
 
 if __name__ == "__main__":
